@@ -1,0 +1,27 @@
+"""The embedded default: SODA on Fashion-MNIST (real data, no network) on a 2-core CPU.
+
+python -m soda_jax.main --config=configs/demo.py --workdir=/tmp/soda_demo
+Variants: `:steps=N` changes the budget.
+"""
+from soda_jax import config_base
+
+
+def get_config(arg=None):
+  a = config_base.parse_arg(arg, steps=1500)
+  c = config_base.base_config("demo")
+  c.data.name = "fashion_mnist"
+  c.data.image_size = 32
+  c.data.channels = 1
+  c.data.crop_scale = (0.25, 1.0)
+  c.batch_size = 64
+  c.num_train_steps = a.steps
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.ema_decay = 0.995
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.diffusion.sample_steps = 25
+  c.evals.num_samples = 16
+  c.evals.probe_train_examples = 10000
+  c.evals.probe_test_examples = 10000
+  return c

@@ -1,0 +1,133 @@
+"""The config schema with defaults; files under configs/ start from `base_config()` and edit it.
+
+One place defines every key, so `config_checks` can validate all of them and a typo on the
+command line (`--config.modle.latent_dim=...`) fails at parse time (configs are locked).
+"""
+import ml_collections
+
+# Model sizes, shared by configs and tests. See docs/design.md for the reasoning.
+MODEL_VARIANTS = {
+    # Compiles in seconds on CPU: tests and smoke runs.
+    "tiny": dict(
+        encoder=dict(depth=18, version="v2", stem="cifar", width=8, num_groups=4),
+        latent_dim=24,
+        decoder=dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(8,), head_dim=16, num_groups=4, dropout=0.0)),
+    # The embedded-default demo on a 2-core CPU (Fashion-MNIST, 32x32).
+    "demo": dict(
+        encoder=dict(depth=18, version="v1.5", stem="cifar", width=16, num_groups=8),
+        latent_dim=128,
+        decoder=dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                     attention_resolutions=(8,), head_dim=32, num_groups=8, dropout=0.0)),
+    # CIFAR-10 recipe: R18 (cifar stem) + a 128-channel UNet (1, 2, 2, 2).
+    "cifar10": dict(
+        encoder=dict(depth=18, version="v1.5", stem="cifar", width=64, num_groups=32),
+        latent_dim=128,
+        decoder=dict(base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                     attention_resolutions=(16,), head_dim=64, num_groups=32, dropout=0.1)),
+    # ImageNet: R50 -> 2048-d z; decoder on 128x128 targets, 5 levels -> 6 sub-vectors.
+    "imagenet": dict(
+        encoder=dict(depth=50, version="v1.5", stem="imagenet", width=64, num_groups=32),
+        latent_dim=2048,
+        decoder=dict(base_channels=128, channel_mult=(1, 1, 2, 3, 4), num_res_blocks=2,
+                     attention_resolutions=(16, 8), head_dim=64, num_groups=32, dropout=0.0)),
+}
+
+
+def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  if variant not in MODEL_VARIANTS:
+    raise ValueError(f"model variant={variant!r} is not one of {tuple(MODEL_VARIANTS)}")
+  v = MODEL_VARIANTS[variant]
+  m = ml_collections.ConfigDict()
+  m.encoder = ml_collections.ConfigDict(dict(v["encoder"]))
+  m.latent_dim = v["latent_dim"]
+  m.modulation = "layer"  # 'layer' (SODA) | 'global' (whole z to every block)
+  m.pose = "none"  # 'none' | 'box' (target crop box relative to the source, as a pose map)
+  dec = dict(num_heads=0, remat=False)
+  dec.update(v["decoder"])
+  m.decoder = ml_collections.ConfigDict(dec)
+  m.decoder.channel_mult = tuple(m.decoder.channel_mult)
+  m.decoder.attention_resolutions = tuple(m.decoder.attention_resolutions)
+  return m
+
+
+def diffusion_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      schedule="inverted",  # 'inverted' | 'cosine' | 'linear'
+      pred_type="eps",  # 'eps' | 'v' | 'x0'
+      loss_weighting="none",
+      layer_mask_rate=0.1,
+      latent_drop_rate=0.1,
+      pose_drop_rate=0.1,
+      # Sampling (reconstructions, novel views).
+      sample_steps=50,
+      eta=0.0,
+      w_z=1.0,
+      w_p=1.0,  # w_z = w_p = 1: the plain conditional (latent and pose), one call per step
+  ))
+
+
+def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  """Every key the system reads, with defaults for a tiny CPU run."""
+  from soda_jax.data.pipeline import default_data_config  # pylint: disable=g-import-not-at-top
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 32  # global, over all devices and processes
+  c.num_train_steps = 100
+  c.compute_dtype = "float32"  # 'float32' | 'bfloat16'; params are always float32
+  c.data = default_data_config()
+  c.model = model_config(variant)
+  c.diffusion = diffusion_config()
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=2e-4, warmup_steps=100, lr_schedule="cosine",  # 'cosine' | 'constant'
+      weight_decay=0.05, b1=0.9, b2=0.99, grad_clip=1.0,
+      encoder_lr_mult=1.0,  # encoder lr = lr * this
+      ema_decay=0.999,
+  ))
+
+  # Mesh: axes ('data', 'fsdp'); -1 fills with the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
+  # Logical param axes -> mesh axes (None = replicated). FSDP shards output channels; a dim not
+  # divisible by its mesh axes stays replicated and is counted in the parameter overview.
+  c.sharding_rules = (
+      ("conv_out", "fsdp"), ("embed_out", "fsdp"),
+      ("conv_h", None), ("conv_w", None), ("conv_in", None), ("embed_in", None), ("norm", None),
+  )
+
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 50
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.evals = ml_collections.ConfigDict(dict(
+      samples_every_steps=0,  # 0 = only at the end
+      num_samples=8,
+      probe_every_steps=0,  # 0 = only at the end; -1 = never
+      probe_train_examples=2000,
+      probe_test_examples=1000,
+  ))
+  c.distributed = False  # call jax.distributed.initialize() (multi-host pods)
+  c.compilation_cache_dir = ""  # persistent XLA cache, '' = off
+  c.cpu_fast_conv = False  # custom-VJP conv weight gradient (CPU only)
+  return c
+
+
+def parse_arg(arg, **defaults):
+  """`"variant=r50,runlocal=True"` -> ConfigDict with `defaults` overridden (types preserved).
+
+  The big_vision idiom for `--config=configs/x.py:variant=...`. Unknown keys raise.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is not one of {tuple(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value not in ("True", "False", "true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} is not a bool")
+      out[key] = value in ("True", "true", "1")
+    else:
+      out[key] = type(default)(value) if default is not None else value
+  return out

@@ -1,0 +1,179 @@
+"""Decoder building blocks: time embedding, AdaGN res block, attention, pose maps.
+
+Every kernel carries logical axis names (see `soda_jax/sharding.py` for the rules that map them
+onto the mesh). Names are the ones that appear in checkpoints and exports: keep them stable.
+"""
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names of each parameter kind. Mesh rules live in the config.
+CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
+DENSE_AXES = ("embed_in", "embed_out")
+NORM_AXES = ("norm",)
+
+_conv_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = False,
+         dtype: Dtype = jnp.float32, conv_impl: Optional[Callable] = None,
+         name: Optional[str] = None) -> nn.Conv:
+  """A SAME-padded NHWC conv with logically-partitioned kernel and bias."""
+  init = nn.initializers.zeros if zero_init else _conv_init
+  kwargs = {} if conv_impl is None else {"conv_general_dilated": conv_impl}
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding="SAME", dtype=dtype,
+      kernel_init=nn.with_logical_partitioning(init, CONV_AXES),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+      name=name, **kwargs)
+
+
+def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
+          name: Optional[str] = None) -> nn.Dense:
+  init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  return nn.Dense(
+      features, dtype=dtype,
+      kernel_init=nn.with_logical_partitioning(init, DENSE_AXES),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed_out",)),
+      name=name)
+
+
+def group_norm(num_groups: int, name: Optional[str] = None) -> nn.GroupNorm:
+  # Statistics always in float32 (dtype of the output follows the input via the caller's cast).
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=1e-5, dtype=jnp.float32,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, NORM_AXES),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, NORM_AXES),
+      name=name)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of continuous t in [0, 1], scaled to the DDPM range [0, 1000]."""
+  half = dim // 2
+  freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (1000.0 * t.astype(jnp.float32))[:, None] * freqs[None]  # (B, half)
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb  # (B, dim)
+
+
+def box_to_pose_map(box: jax.Array, keep: jax.Array, height: int, width: int) -> jax.Array:
+  """2-D "pose" of a target view: where each target pixel lies in the source view's frame.
+
+  box: (B, 4) = (y0, x0, y1, x1) of the target crop in the source view's normalised [0, 1]
+  coordinates (x0 > x1 encodes a horizontal flip). keep: (B,) bool, False = pose dropped.
+  Returns (B, H, W, 3): source-frame (y, x) in [-1, 1] per target pixel, plus a validity channel
+  that is 1 where the pose is given, so a dropped pose (all zeros) is never confused with
+  "the centre of the source".
+  """
+  box = box.astype(jnp.float32)
+  fy = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height  # pixel centres in [0, 1]
+  fx = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+  ys = box[:, 0:1] + (box[:, 2:3] - box[:, 0:1]) * fy[None]  # (B, H)
+  xs = box[:, 1:2] + (box[:, 3:4] - box[:, 1:2]) * fx[None]  # (B, W)
+  yy = jnp.broadcast_to(ys[:, :, None], (box.shape[0], height, width))
+  xx = jnp.broadcast_to(xs[:, None, :], (box.shape[0], height, width))
+  pose = jnp.stack([2 * yy - 1, 2 * xx - 1, jnp.ones_like(yy)], axis=-1)
+  return jnp.where(keep[:, None, None, None], pose, 0.0)
+
+
+class TimeEmbed(nn.Module):
+  """t -> sinusoid -> MLP (the ADM time embedding), width 4 * base_channels."""
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    emb = timestep_embedding(t, self.dim // 4)
+    emb = dense(self.dim, dtype=self.dtype, name="dense_0")(emb)
+    return dense(self.dim, dtype=self.dtype, name="dense_1")(nn.silu(emb))
+
+
+class ResBlock(nn.Module):
+  """ADM res block with AdaGN on the second norm, modulated by time and by a latent sub-vector.
+
+    h = conv(silu(GN(x)))
+    h = GN(h) * (1 + s_t) + b_t          # time
+    h = h * (1 + s_z) + b_z              # latent; (s_z, b_z) = keep * Dense_0init(z_sub)
+    out = skip(x) + conv_0init(dropout(silu(h)))
+
+  A masked sub-vector (keep=False) gives s_z = b_z = 0 exactly, whatever its values: its layers
+  run unmodulated (selected with `where`, so even inf/nan in a masked sub-vector cannot leak).
+  """
+  features: int
+  num_groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  conv_impl: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x, t_emb, z_sub, z_keep, train: bool):
+    # x: (B, H, W, Cin); t_emb: (B, T); z_sub: (B, d) or None; z_keep: (B,) bool.
+    h = nn.silu(group_norm(self.num_groups, "norm_0")(x)).astype(self.dtype)
+    h = conv(self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="conv_0")(h)
+    st, bt = jnp.split(dense(2 * self.features, dtype=self.dtype, name="time_proj")(
+        nn.silu(t_emb))[:, None, None, :], 2, axis=-1)
+    h = group_norm(self.num_groups, "norm_1")(h) * (1 + st) + bt
+    if z_sub is not None:
+      mod = dense(2 * self.features, zero_init=True, dtype=self.dtype, name="latent_proj")(z_sub)
+      mod = jnp.where(z_keep[:, None], mod, jnp.zeros_like(mod))
+      sz, bz = jnp.split(mod[:, None, None, :], 2, axis=-1)
+      h = h * (1 + sz) + bz
+    h = nn.silu(h).astype(self.dtype)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = conv(self.features, zero_init=True, dtype=self.dtype, conv_impl=self.conv_impl,
+             name="conv_1")(h)
+    if x.shape[-1] != self.features:
+      x = conv(self.features, kernel=1, dtype=self.dtype, conv_impl=self.conv_impl,
+               name="skip")(x)
+    return x.astype(self.dtype) + h
+
+
+class AttnBlock(nn.Module):
+  """Full self-attention over H*W positions with a zero-initialised output projection."""
+  num_heads: int = 0  # 0 -> derived from head_dim
+  head_dim: int = 64
+  num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hgt, wid, c = x.shape
+    heads = self.num_heads or max(1, c // self.head_dim)
+    if c % heads:
+      raise ValueError(f"AttnBlock: channels={c} not divisible by num_heads={heads}")
+    h = group_norm(self.num_groups, "norm")(x).astype(self.dtype).reshape(b, hgt * wid, c)
+    qkv = dense(3 * c, dtype=self.dtype, name="qkv")(h).reshape(b, hgt * wid, 3, heads, c // heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, L, heads, dh)
+    out = jax.nn.dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+    out = dense(c, zero_init=True, dtype=self.dtype, name="out")(out)
+    return x + out.reshape(b, hgt, wid, c).astype(x.dtype)
+
+
+class Downsample(nn.Module):
+  features: int
+  dtype: Dtype = jnp.float32
+  conv_impl: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x):
+    # Strided 3x3 conv; odd sizes round up (SAME padding), e.g. 7 -> 4.
+    return conv(self.features, stride=2, dtype=self.dtype, conv_impl=self.conv_impl,
+                name="conv")(x)
+
+
+class Upsample(nn.Module):
+  features: int
+  dtype: Dtype = jnp.float32
+  conv_impl: Optional[Callable] = None
+
+  @nn.compact
+  def __call__(self, x, out_hw):
+    # Nearest x2, then crop to the skip connection's size (undoes the round-up of odd sizes).
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)[:, :out_hw[0], :out_hw[1]]
+    return conv(self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x)

@@ -1,0 +1,89 @@
+"""Bad configs fail up front with a message naming the key and the bad value."""
+import importlib.util
+import os
+
+import pytest
+
+from soda_jax import config_base, config_checks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.mark.parametrize("name,arg", [("tiny", None), ("demo", None), ("cifar10", None),
+                                      ("cifar10", "arch=peer"), ("imagenet", None),
+                                      ("imagenet", "runlocal=True")])
+def test_shipped_configs_are_valid(name, arg):
+  c = load_config(name, arg)
+  config_checks.check(c)  # model + diffusion
+  if name in ("tiny", "demo"):  # their datasets exist offline; the others need tfds prepared
+    config_checks.check(c, num_devices=8)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.latent_dim", 2, "config.model.latent_dim=2 is smaller than the number of sub-vectors (3"),
+    ("diffusion.schedule", "sigmoid", "config.diffusion.schedule='sigmoid' is not one of"),
+    ("diffusion.pred_type", "score", "config.diffusion.pred_type='score'"),
+    ("model.decoder.num_groups", 5, "config.model.decoder.num_groups=5 does not divide"),
+    ("model.encoder.num_groups", 3, "config.model.encoder.num_groups=3 does not divide"),
+    ("model.encoder.depth", 20, "config.model.encoder.depth=20 is not one of (18, 34, 50)"),
+    ("model.modulation", "film", "config.model.modulation='film'"),
+    ("model.decoder.attention_resolutions", (5,), "attention_resolutions contains 5"),
+    ("diffusion.layer_mask_rate", 1.5, "config.diffusion.layer_mask_rate=1.5 must be in [0.0, 1.0]"),
+    ("model.decoder.channel_mult", (), "config.model.decoder.channel_mult=()"),
+])
+def test_bad_model_config_names_key_and_value(key, value, message):
+  c = load_config("tiny")
+  with c.unlocked():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(ValueError) as e:
+    config_checks.check(c)
+  assert message in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,devices,message", [
+    ("batch_size", 12, 8, "config.batch_size=12 is not divisible by the 8 devices"),
+    ("mesh.shape", (3, -1), 8, "config.mesh.shape=(3, -1) does not fit 8 devices"),
+    ("mesh.shape", (2, 2), 8, "config.mesh.shape=(2, 2) does not fit 8 devices"),
+    ("compute_dtype", "float16", 8, "config.compute_dtype='float16' is not one of"),
+    ("data.name", "no_such_dataset_xyz", 8, "no_such_dataset_xyz"),
+    ("optim.ema_decay", 1.5, 8, "config.optim.ema_decay=1.5"),
+])
+def test_bad_training_config_names_key_and_value(key, value, devices, message):
+  c = load_config("tiny")
+  with c.unlocked():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(ValueError) as e:
+    config_checks.check(c, num_devices=devices)
+  assert message in str(e.value)
+
+
+def test_all_errors_reported_at_once():
+  c = load_config("tiny")
+  with c.unlocked():
+    c.diffusion.schedule = "x"
+    c.model.modulation = "y"
+  with pytest.raises(ValueError) as e:
+    config_checks.check(c)
+  assert "schedule='x'" in str(e.value) and "modulation='y'" in str(e.value)
+
+
+def test_parse_arg():
+  a = config_base.parse_arg("steps=10,runlocal=True", steps=5, runlocal=False, arch="soda")
+  assert a.steps == 10 and a.runlocal is True and a.arch == "soda"
+  with pytest.raises(ValueError, match="'stepz'"):
+    config_base.parse_arg("stepz=1", steps=5)
