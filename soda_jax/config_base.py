@@ -131,3 +131,17 @@ def parse_arg(arg, **defaults):
     else:
       out[key] = type(default)(value) if default is not None else value
   return out
+
+
+def load_config(path: str, arg=None) -> ml_collections.ConfigDict:
+  """Load `configs/x.py` (with its `get_config(arg)`) outside absl flags: Colabs, tools, tests."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if ":" in os.path.basename(path):
+    path, arg = path.rsplit(":", 1)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or not os.path.exists(path):
+    raise ValueError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

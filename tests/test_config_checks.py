@@ -1,5 +1,4 @@
 """Bad configs fail up front with a message naming the key and the bad value."""
-import importlib.util
 import os
 
 import pytest
@@ -10,10 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return config_base.load_config(os.path.join(ROOT, "configs", f"{name}.py"), arg)
 
 
 @pytest.mark.parametrize("name,arg", [("tiny", None), ("demo", None), ("cifar10", None),

@@ -1,0 +1,23 @@
+"""The Colab notebooks run top to bottom (at smoke size): every code cell, in order."""
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "colabs"))
+                                        if f.endswith(".ipynb")))
+def test_notebook_runs(name, monkeypatch, tmp_path):
+  monkeypatch.setenv("SODA_COLAB_SMOKE", "1")
+  monkeypatch.chdir(ROOT)
+  with open(os.path.join(ROOT, "colabs", name)) as f:
+    nb = json.load(f)
+  scope = {"__name__": "__colab__"}
+  for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+    src = "".join(cell["source"]).replace("/tmp/soda_colab", str(tmp_path))
+    exec(compile(src, f"{name}[cell {i}]", "exec"), scope)  # pylint: disable=exec-used
+  assert "probe_top1_h" in scope["result"]["eval"]
+  assert os.path.exists(os.path.join(tmp_path, "colab_recon.png"))
