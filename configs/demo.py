@@ -7,19 +7,20 @@ from soda_jax import config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, steps=1500)
+  a = config_base.parse_arg(arg, steps=600)
   c = config_base.base_config("demo")
   c.data.name = "fashion_mnist"
-  c.data.image_size = 32
+  c.data.image_size = 28  # native size: no upsampling; UNet levels 28 -> 14 -> 7
+  c.model.decoder.attention_resolutions = (7,)
   c.data.channels = 1
   c.data.crop_scale = (0.25, 1.0)
   c.batch_size = 64
   c.num_train_steps = a.steps
   c.optim.lr = 1e-3
-  c.optim.warmup_steps = 100
+  c.optim.warmup_steps = 50
   c.optim.ema_decay = 0.995
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 500
+  c.log_every_steps = 25
+  c.checkpoint_every_steps = 200
   c.diffusion.sample_steps = 25
   c.evals.num_samples = 16
   c.evals.probe_train_examples = 10000

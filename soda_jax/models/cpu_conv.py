@@ -1,11 +1,13 @@
 """A conv whose weight gradient is fast on XLA:CPU (opt-in via `config.cpu_fast_conv`).
 
-XLA:CPU computes a 3x3 conv's weight gradient ~20x slower than its forward pass (measured in
-docs/benchmarks.md). Here the forward and the input gradient stay `lax.conv_general_dilated`;
+XLA:CPU was measured (shared/CPU_NOTES.md) to compute a 3x3 conv's weight gradient ~20x slower
+than its forward pass. Here the forward and the input gradient stay `lax.conv_general_dilated`;
 the weight gradient is one `einsum('nhwc,nhwo->co')` per kernel tap over a shifted (strided)
 slice of the padded input: kh*kw plain matmuls, which XLA:CPU runs at matmul speed, and no
 im2col tensor. Only for 2-D NHWC/HWIO convs without dilation or groups (everything this
 project's models use); anything else goes to lax unchanged. TPU/GPU convs are fast: leave it off.
+On this project's whole train steps it did NOT pay off (demo 28x28: 2.84 vs 1.98 s/step, peer
+2.3x slower; docs/benchmarks.md), so it stays an opt-in experiment, off by default.
 """
 import functools
 

@@ -1,0 +1,35 @@
+"""Evaluate a workdir's newest checkpoint: linear probe + k-NN on h and z, reconstruction PSNR.
+
+python -m soda_jax.evaluate --config=configs/demo.py --workdir=/tmp/soda_demo [--step=N]
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir with checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  from soda_jax import checkpointing, config_checks, sharding, train_step as ts  # pylint: disable=g-import-not-at-top
+  from soda_jax.evaluate import representation  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  config_checks.check(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(config)
+  model, tx = ts.build_model(config), ts.make_optimizer(config)
+  state, shardings, _ = ts.create_state(model, tx, config, mesh, jax.random.PRNGKey(0))
+  ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
+  step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
+  if step is None:
+    raise app.UsageError(f"No checkpoint in {ckpt.directory}")
+  state = ckpt.restore(step, checkpointing.abstract_with_shardings(state, shardings))
+  ckpt.close()
+  results = representation.evaluate(config, model, state, mesh)
+  print(f"Checkpoint step {step} ({config.data.name}):\n" + representation.format_table(results))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,66 @@
+"""Device mesh, logical-axis rules -> NamedSharding, and batch sharding.
+
+Params carry logical axis names (`models/layers.py`); `config.sharding_rules` map them to mesh
+axes. A dimension that its mesh axes do not divide (e.g. a 3-channel output conv on a 4-way fsdp
+axis) stays replicated: `param_shardings` returns how many leaves that happened to, and the
+trainer logs it, so nothing is silently left unsharded.
+"""
+import math
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from soda_jax import config_checks
+
+BATCH_AXES = ("data", "fsdp")  # batches are split over every device
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = config_checks.mesh_shape(config, len(devices))
+  if shape is None:
+    raise ValueError(f"config.mesh.shape={tuple(config.mesh.shape)!r} does not fit "
+                     f"{len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(shape), tuple(config.mesh.axes))
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> Tuple[P, bool]:
+  """Drop mesh axes from dims they do not divide; report whether anything was dropped."""
+  out, dropped = [], False
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in names)
+    if names and dim % size:
+      out.append(None)
+      dropped = True
+    else:
+      out.append(axes)
+  return P(*out), dropped
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Tuple[Any, int]:
+  """Boxed abstract pytree (from `jax.eval_shape`) -> (NamedSharding pytree, #replicated leaves).
+
+  The returned tree has the structure of the *unboxed* pytree (boxes become leaves).
+  """
+  logical_specs = nn.get_partition_spec(abstract_boxed)
+  mesh_specs = nn.logical_to_mesh(logical_specs, tuple(tuple(r) for r in rules))
+  is_spec = lambda x: isinstance(x, P)
+  unboxed = nn.meta.unbox(abstract_boxed)
+  fitted = jax.tree.map(lambda s, a: _fit_spec(s, a.shape, mesh)[0], mesh_specs, unboxed,
+                        is_leaf=is_spec)
+  num_dropped = sum(jax.tree.leaves(jax.tree.map(
+      lambda s, a: int(_fit_spec(s, a.shape, mesh)[1]), mesh_specs, unboxed, is_leaf=is_spec)))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), fitted, is_leaf=is_spec), num_dropped
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,159 @@
+"""The SODA training run, top to bottom: mesh -> input -> model -> restore -> loop -> evals."""
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict
+
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from soda_jax import checkpointing, config_checks, sharding, train_step as ts
+from soda_jax.data import pipeline
+from soda_jax.evaluate import generate, representation
+
+
+class _Preemption:
+  """SIGTERM -> finish the current step, save a checkpoint, return normally (exit code 0)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Signal %d received: saving a checkpoint and exiting.", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _sample_grid(config, model, state, eval_source, rng, step, workdir, writer):
+  """Reconstructions of held-out source views (EMA params): TensorBoard + PNG in workdir."""
+  variables = {"params": state.ema_params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  recon = generate.generate(model, variables, eval_source, rng, config.diffusion)
+  grid = generate.image_grid([eval_source, recon])
+  if jax.process_index() == 0:
+    path = generate.save_png(grid, os.path.join(workdir, "samples", f"recon_{step:07d}.png"))
+    logging.info("Wrote %s", path)
+  writer.write_images(step, {"reconstructions": grid[None]})
+  return np.asarray(recon)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Train (resuming from workdir if a checkpoint is there); return the final metrics."""
+  # ---------------------------------------------------------------- validate + mesh
+  config_checks.check(config, jax.device_count(), jax.process_count())
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+  mesh = sharding.make_mesh(config)
+  os.makedirs(workdir, exist_ok=True)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), jax.device_count(),
+               jax.devices()[0].device_kind)
+
+  # ---------------------------------------------------------------- input
+  per_process_batch = config.batch_size // jax.process_count()
+  train_iter = pipeline.make_train_iterator(
+      config, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  eval_source = None
+  if config.evals.num_samples > 0:
+    eval_arrays = pipeline.make_eval_arrays(config, config.data.eval_split,
+                                            config.evals.num_samples)
+    eval_source = jnp.asarray(eval_arrays["image"])
+
+  # ---------------------------------------------------------------- model + sharded state
+  model = ts.build_model(config)
+  tx = ts.make_optimizer(config)
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
+  state, state_shardings, num_replicated = ts.create_state(model, tx, config, mesh, init_rng)
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(state.params)
+  logging.info("%d param/opt leaves kept replicated (a dim not divisible by its mesh axes).",
+               num_replicated)
+
+  # ---------------------------------------------------------------- restore
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpointing)
+  start_step = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = checkpointing.abstract_with_shardings(state, state_shardings)
+    state = ckpt.restore(latest, abstract, train_iter)
+    start_step = int(state.step)
+    logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
+
+  # ---------------------------------------------------------------- update fn
+  step_fn = ts.jit_train_step(model, tx, config, mesh, state_shardings)
+
+  # ---------------------------------------------------------------- loop
+  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
+  pending = []  # device metrics since the last log step (no host sync in between)
+  history = []
+  step = start_step
+  logging.info("Starting the training loop at step %d of %d.", step, config.num_train_steps)
+  with _Preemption() as preemption:
+    while step < config.num_train_steps:
+      batch = pipeline.to_global_batch(next(train_iter), mesh)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = step_fn(state, batch, step_rng)
+      pending.append(metrics)
+      step += 1
+      report(step, time.time())
+
+      last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or last or preemption.requested:
+        host = jax.device_get(pending)
+        summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        summary["skipped_records"] = float(pipeline.skipped_records(train_iter))
+        writer.write_scalars(step, summary)
+        history.append((step, summary))
+        pending = []
+        if not np.isfinite(summary["loss"]):
+          raise FloatingPointError(f"loss is {summary['loss']} at step {step}")
+
+      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+        ckpt.save(step, state, train_iter, config)
+
+      every = config.evals.samples_every_steps
+      if eval_source is not None and every > 0 and step % every == 0 and not last:
+        _sample_grid(config, model, state, eval_source, sample_rng, step, workdir, writer)
+      every = config.evals.probe_every_steps
+      if every > 0 and step % every == 0 and not last:
+        writer.write_scalars(step, representation.evaluate(config, model, state, mesh))
+
+      if preemption.requested:
+        logging.warning("Stopping at step %d after preemption (checkpoint saved).", step)
+        break
+
+  # ---------------------------------------------------------------- final evals
+  result = {"step": step, "history": history, "preempted": preemption.requested}
+  finished = not preemption.requested and step == config.num_train_steps
+  if finished and eval_source is not None:
+    _sample_grid(config, model, state, eval_source, sample_rng, step, workdir, writer)
+  if finished and config.evals.probe_every_steps >= 0:
+    result["eval"] = representation.evaluate(config, model, state, mesh)
+    writer.write_scalars(step, result["eval"])
+    if jax.process_index() == 0:
+      print(f"\nSODA after {step} steps (frozen EMA encoder, {config.data.name}):\n"
+            + representation.format_table(result["eval"]), flush=True)
+  ckpt.close()
+  writer.flush()
+  result["state"] = state
+  return result

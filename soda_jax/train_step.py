@@ -1,0 +1,140 @@
+"""TrainState, optimizer and the one pure train step `(state, batch, rng) -> (state, metrics)`.
+
+Kept apart from `train.py` so the benchmark tool and tests build exactly the step that trains.
+"""
+import functools
+from typing import Any, Callable, Dict, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from soda_jax import diffusion, sharding
+from soda_jax.models import soda
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # {'encoder', 'head', 'decoder'}
+  batch_stats: Any  # encoder BatchNorm statistics ({} for GroupNorm encoders)
+  opt_state: Any
+  ema_params: Any
+
+
+def build_model(config: ml_collections.ConfigDict) -> soda.SODA:
+  conv_impl = None
+  if config.get("cpu_fast_conv", False) and jax.default_backend() == "cpu":
+    from soda_jax.models import cpu_conv  # pylint: disable=g-import-not-at-top
+    conv_impl = cpu_conv.conv_general_dilated
+  return soda.build_model(config.model, image_channels=config.data.channels,
+                          dtype=COMPUTE_DTYPES[config.compute_dtype], conv_impl=conv_impl)
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _mask(params, predicate):
+  return jax.tree_util.tree_map_with_path(lambda p, _: predicate(_path_str(p)), params)
+
+
+def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup, then cosine decay to 0 at num_train_steps (or constant)."""
+  o = config.optim
+  warmup = max(1, o.warmup_steps)
+  if o.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup,
+                                              max(config.num_train_steps, warmup + 1))
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW with warmup, global-norm clipping, decay on kernels only, encoder lr multiplier."""
+  o = config.optim
+  decay_mask = functools.partial(_mask, predicate=lambda p: p.endswith("kernel"))
+  chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  chain.append(optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                           mask=decay_mask))
+  if o.encoder_lr_mult != 1.0:
+    enc_mask = functools.partial(_mask, predicate=lambda p: p.startswith("encoder"))
+    chain.append(optax.masked(optax.scale(o.encoder_lr_mult), enc_mask))
+  return optax.chain(*chain)
+
+
+def _init_boxed(model, tx, config, rng):
+  """State with logically-partitioned (boxed) params; optax states inherit the boxes."""
+  inputs = soda.init_inputs(1, config.data.image_size, config.data.channels, model.num_subvectors)
+  variables = model.init(rng, **inputs)
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    ema_params=params)
+
+
+def create_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
+  """Params created already sharded: `jit(init, out_shardings=...)`.
+
+  Returns (state, state_shardings, number of leaves replicated because a dim was not divisible).
+  """
+  abstract = jax.eval_shape(functools.partial(_init_boxed, model, tx, config), rng)
+  shardings, num_replicated = sharding.logical_shardings(abstract, mesh, config.sharding_rules)
+  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, config, r)),
+                 out_shardings=shardings)
+  return init(rng), shardings, num_replicated
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
+               model: soda.SODA, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One SODA update. batch: source/target (B, H, W, C) in [-1, 1], target_box (B, 4)."""
+  d = config.diffusion
+  rng = jax.random.fold_in(rng, state.step)
+  k_t, k_noise, k_mask, k_drop = jax.random.split(rng, 4)
+  source, target = batch["source"], batch["target"]
+  b = target.shape[0]
+  t = diffusion.timesteps(k_t, b)
+  noise = jax.random.normal(k_noise, target.shape, jnp.float32)
+  x_t = diffusion.q_sample(target, t, noise, d.schedule)
+  keep, pose_keep = diffusion.sample_masks(
+      k_mask, b, model.num_subvectors, layer_mask_rate=d.layer_mask_rate,
+      latent_drop_rate=d.latent_drop_rate, pose_drop_rate=d.pose_drop_rate)
+
+  def loss_fn(params):
+    variables = {"params": params}
+    mutable = []
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+      mutable = ["batch_stats"]
+    out = model.apply(variables, source, x_t, t, keep, batch.get("target_box"), pose_keep,
+                      train=True, rngs={"dropout": k_drop}, mutable=mutable or False)
+    pred, new_vars = out if mutable else (out, {})
+    per_example = diffusion.diffusion_loss(pred, target, noise, t, pred_type=d.pred_type,
+                                           schedule=d.schedule, weighting=d.loss_weighting)
+    return jnp.mean(per_example), new_vars.get("batch_stats", state.batch_stats)
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = config.optim.ema_decay
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "learning_rate": lr_schedule(config)(state.step)}
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, ema_params=ema)
+  return new_state, metrics
+
+
+def jit_train_step(model, tx, config, mesh, state_shardings) -> Callable:
+  """The jitted step: state donated, batch split over all devices, metrics replicated."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, config=config),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))

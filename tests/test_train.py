@@ -1,0 +1,156 @@
+"""The training system end to end: sharded one-step run, loss falls, bitwise resume, SIGTERM."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from soda_jax import checkpointing, train
+from tests.test_config_checks import ROOT, load_config
+
+
+def _tiny(**overrides):
+  c = load_config("tiny")
+  with c.unlocked():
+    for k, v in overrides.items():
+      node = c
+      *parents, leaf = k.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = v
+  return c
+
+
+def _leaf(tree, *path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (8, 1)])
+def test_one_step_is_sharded_as_the_rules_say(tmp_path, mesh_shape):
+  c = _tiny(num_train_steps=1, **{"mesh.shape": mesh_shape, "evals.num_samples": 0})
+  out = train.train_and_evaluate(c, str(tmp_path))
+  state = out["state"]
+  assert int(state.step) == 1
+  fsdp = mesh_shape[1]
+  # A decoder conv kernel (3, 3, 16, 16): output channels over 'fsdp' (divisible by 4).
+  k = _leaf(state.params, "decoder", "down_0_res_0", "conv_0", "kernel")
+  assert k.sharding.spec == P(None, None, None, "fsdp")
+  assert k.addressable_shards[0].data.shape == (3, 3, 16, 16 // fsdp)
+  # The same sharding for its Adam moments and its EMA copy.
+  mu = state.opt_state[1][0].mu  # chain: (clip, adamw=(scale_by_adam, ...))
+  assert _leaf(mu, "decoder", "down_0_res_0", "conv_0", "kernel").sharding.spec == k.sharding.spec
+  assert _leaf(state.ema_params, "decoder", "down_0_res_0", "conv_0",
+               "kernel").sharding.spec == k.sharding.spec
+  # The 1-channel output conv cannot be split 4 ways: replicated (and counted).
+  out_k = _leaf(state.params, "decoder", "conv_out", "kernel")
+  assert out_k.addressable_shards[0].data.shape == out_k.shape
+  # The loss was logged and is finite.
+  (step, summary), = out["history"]
+  assert step == 1 and np.isfinite(summary["loss"])
+  assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "1"))
+
+
+@pytest.mark.slow
+def test_demo_loss_falls(tmp_path):
+  """The demo config's loss over its first 300 steps (on a 16x16 slice to keep CI fast)."""
+  c = load_config("demo")
+  with c.unlocked():
+    c.num_train_steps = 300
+    c.log_every_steps = 25
+    c.checkpoint_every_steps = 1000
+    c.batch_size = 32
+    c.data.image_size = 16
+    c.model.decoder.attention_resolutions = (4,)
+    c.evals.num_samples = 0
+  out = train.train_and_evaluate(c, str(tmp_path))
+  losses = [s["loss"] for _, s in out["history"]]
+  print("demo losses every 25 steps:", np.round(losses, 4))
+  assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+
+
+def _params_of(workdir):
+  ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
+  step = ckpt.latest_step()
+  params = ckpt.restore_raw(step)["params"]
+  ckpt.close()
+  return step, params
+
+
+def _main_cmd(workdir, *flags):
+  return [sys.executable, "-m", "soda_jax.main", "--config=configs/tiny.py",
+          f"--workdir={workdir}", *flags]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT
+  return env
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_bitwise_equal(tmp_path):
+  """N steps in one go == SIGKILLed once >= N/2 steps are checkpointed, then resumed: bitwise.
+
+  CI runs N=300 (SODA_RESUME_STEPS); the issue's N=2000 passes too (docs/benchmarks.md). The
+  kill lands at an arbitrary point (possibly mid async save); resume must pick the newest
+  *complete* checkpoint and replay data order and randomness exactly.
+  """
+  steps = int(os.environ.get("SODA_RESUME_STEPS", "300"))
+  every = max(10, steps // 8)
+  flags = [f"--config.num_train_steps={steps}", f"--config.checkpoint_every_steps={every}",
+           "--config.log_every_steps=50", "--config.evals.num_samples=0"]
+  straight = tmp_path / "straight"
+  subprocess.run(_main_cmd(straight, *flags), cwd=ROOT, env=_env(), check=True,
+                 capture_output=True)
+
+  resumed = tmp_path / "resumed"
+  proc = subprocess.Popen(_main_cmd(resumed, *flags), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckdir = resumed / "checkpoints"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    done = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if ckdir.exists() else []
+    if done and max(done) >= steps // 2:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(int(d) for d in os.listdir(ckdir) if d.isdigit())
+  assert steps // 2 <= killed_at < steps, killed_at
+  subprocess.run(_main_cmd(resumed, *flags), cwd=ROOT, env=_env(), check=True,
+                 capture_output=True)
+
+  step_a, params_a = _params_of(straight)
+  step_b, params_b = _params_of(resumed)
+  assert step_a == step_b == steps
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
+  flags = ["--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+           "--config.log_every_steps=1000", "--config.evals.num_samples=0"]
+  proc = subprocess.Popen(_main_cmd(tmp_path, *flags), cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # Wait until training is under way (first ReportProgress / step lines), then preempt.
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    line = proc.stdout.readline()
+    if "Starting the training loop" in line or "steps/s" in line or not line:
+      break
+  time.sleep(3)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000, steps
+  assert f"Stopping at step {steps[0]}" in out
