@@ -221,3 +221,38 @@ def test_decoder_uses_z():
   print(f"decoder-uses-z: x0 MSE at t in [0.5, 1]: true z {true_loss:.4f}, "
         f"shuffled z {shuffled:.4f}")
   assert true_loss < 0.75 * shuffled, (true_loss, shuffled)
+
+
+def test_remat_and_bf16_paths():
+  """remat=True is the same function (values and grads); bf16 compute keeps params float32."""
+  m = config_base.model_config("tiny")
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, IMG, IMG, 1))
+  t, z = jnp.full((2,), 0.3), jax.random.normal(jax.random.PRNGKey(4), (2, m.latent_dim))
+
+  def build(remat, dtype=jnp.float32):
+    mm = config_base.model_config("tiny")
+    mm.decoder.remat = remat
+    return soda.build_model(mm, image_channels=1, dtype=dtype)
+
+  plain, remat = build(False), build(True)
+  keep = jnp.ones((2, plain.num_subvectors), bool)
+  inputs = soda.init_inputs(2, IMG, 1, plain.num_subvectors)
+  params = _randomise(nn.meta.unbox(jax.jit(plain.init)(jax.random.PRNGKey(0), **inputs))["params"])
+
+  def loss(model):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply(
+        {"params": p}, x, t, z, keep, method=soda.SODA.denoise) ** 2)))(params)
+
+  (v0, g0), (v1, g1) = loss(plain), loss(remat)
+  np.testing.assert_allclose(v0, v1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g0, g1)
+
+  bf16 = build(False, jnp.bfloat16)
+  out = jax.jit(lambda p: bf16.apply({"params": p}, x, t, z, keep, method=soda.SODA.denoise))(
+      params)
+  assert out.dtype == jnp.float32  # the decoder returns float32 predictions
+  ref = plain.apply({"params": params}, x, t, z, keep, method=soda.SODA.denoise)
+  rel_err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert rel_err < 0.05, rel_err  # bf16 rounding only
+  abstract = jax.eval_shape(bf16.init, jax.random.PRNGKey(0), **inputs)
+  assert {l.dtype for l in jax.tree.leaves(nn.meta.unbox(abstract["params"]))} == {np.dtype("float32")}
