@@ -145,3 +145,17 @@ def load_config(path: str, arg=None) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted keys set ({'model.modulation': 'global'}); unknown keys raise."""
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"config key {key!r} does not exist")
+    node[leaf] = value
+  return config

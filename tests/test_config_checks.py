@@ -35,13 +35,7 @@ def test_shipped_configs_are_valid(name, arg):
     ("model.decoder.channel_mult", (), "config.model.decoder.channel_mult=()"),
 ])
 def test_bad_model_config_names_key_and_value(key, value, message):
-  c = load_config("tiny")
-  with c.unlocked():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c = config_base.override(load_config("tiny"), {key: value})
   with pytest.raises(ValueError) as e:
     config_checks.check(c)
   assert message in str(e.value)
@@ -56,13 +50,7 @@ def test_bad_model_config_names_key_and_value(key, value, message):
     ("optim.ema_decay", 1.5, 8, "config.optim.ema_decay=1.5"),
 ])
 def test_bad_training_config_names_key_and_value(key, value, devices, message):
-  c = load_config("tiny")
-  with c.unlocked():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c = config_base.override(load_config("tiny"), {key: value})
   with pytest.raises(ValueError) as e:
     config_checks.check(c, num_devices=devices)
   assert message in str(e.value)

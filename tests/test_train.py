@@ -10,20 +10,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from soda_jax import checkpointing, train
+from soda_jax import checkpointing, config_base, train
 from tests.test_config_checks import ROOT, load_config
 
 
 def _tiny(**overrides):
-  c = load_config("tiny")
-  with c.unlocked():
-    for k, v in overrides.items():
-      node = c
-      *parents, leaf = k.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
-  return c
+  return config_base.override(load_config("tiny"), overrides)
 
 
 def _leaf(tree, *path):
@@ -34,7 +26,7 @@ def _leaf(tree, *path):
 
 @pytest.mark.parametrize("mesh_shape", [(2, 4), (8, 1)])
 def test_one_step_is_sharded_as_the_rules_say(tmp_path, mesh_shape):
-  c = _tiny(num_train_steps=1, **{"mesh.shape": mesh_shape, "evals.num_samples": 0})
+  c = _tiny(**{"num_train_steps": 1, "mesh.shape": mesh_shape, "evals.num_samples": 0})
   out = train.train_and_evaluate(c, str(tmp_path))
   state = out["state"]
   assert int(state.step) == 1
@@ -60,15 +52,10 @@ def test_one_step_is_sharded_as_the_rules_say(tmp_path, mesh_shape):
 @pytest.mark.slow
 def test_demo_loss_falls(tmp_path):
   """The demo config's loss over its first 300 steps (on a 16x16 slice to keep CI fast)."""
-  c = load_config("demo")
-  with c.unlocked():
-    c.num_train_steps = 300
-    c.log_every_steps = 25
-    c.checkpoint_every_steps = 1000
-    c.batch_size = 32
-    c.data.image_size = 16
-    c.model.decoder.attention_resolutions = (4,)
-    c.evals.num_samples = 0
+  c = config_base.override(load_config("demo"), {
+      "num_train_steps": 300, "log_every_steps": 25, "checkpoint_every_steps": 1000,
+      "batch_size": 32, "data.image_size": 16, "model.decoder.attention_resolutions": (4,),
+      "evals.num_samples": 0, "evals.probe_every_steps": -1})
   out = train.train_and_evaluate(c, str(tmp_path))
   losses = [s["loss"] for _, s in out["history"]]
   print("demo losses every 25 steps:", np.round(losses, 4))

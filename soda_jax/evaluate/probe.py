@@ -221,23 +221,24 @@ def _knn_predict(train_x, train_y, test_x, temperature, *, num_classes, k, batch
   train_x = normalize(train_x)
   train_onehot = jax.nn.one_hot(train_y, num_classes, dtype=jnp.float32)
 
-  def predict(q):
-    sim = jnp.dot(normalize(q), train_x.T, precision=_HI)  # (B, N) cosine similarities
+  def predict(q):  # one query (D,); lax.map vmaps it over `batch_size` queries at a time
+    sim = jnp.dot(train_x, normalize(q), precision=_HI)  # (N,) cosine similarities
     top_sim, top_idx = jax.lax.top_k(sim, k)
-    # exp(sim / T) up to a per-row factor: subtracting the row max cannot overflow or all-underflow.
-    weight = jnp.exp((top_sim - top_sim[:, :1]) / temperature)
-    votes = jnp.einsum("bk,bkc->bc", weight, train_onehot[top_idx], precision=_HI)
-    return jnp.argmax(votes, axis=-1)
+    # exp(sim / T) up to a common factor: subtracting the max cannot overflow or all-underflow.
+    weight = jnp.exp((top_sim - top_sim[0]) / temperature)
+    return jnp.argmax(jnp.dot(weight, train_onehot[top_idx], precision=_HI))
 
-  return jax.lax.map(predict, test_x, batch_size=batch_size)  # bounds memory to (batch, N)
+  return jax.lax.map(predict, test_x, batch_size=batch_size)  # memory: (batch_size, N)
 
 
 def knn(train_x, train_y, test_x, test_y, *, num_classes: int, k: int = 20,
         temperature: float = 0.07, batch_size: int = 256) -> Dict[str, float]:
-  """Weighted k-NN top-1 (InstDisc / DINO protocol): cosine similarity on L2-normalised features,
-  the k most similar train points vote for their label with weight exp(sim / temperature).
+  """Weighted k-NN top-1, the InstDisc / DINO protocol for self-supervised features.
 
-  Ties in the vote go to the lowest class id. Returns {"top1"} as a fraction.
+  Cosine similarity on L2-normalised features; the k most similar train points vote for their
+  label with weight exp(sim / temperature); ties in the vote go to the lowest class id. Test
+  points go through in batches of `batch_size`, so memory is (batch_size, n_train), not
+  (n_test, n_train). Returns {"top1"} as a fraction.
   """
   train_x, train_y, test_x, test_y = _check_pair(train_x, train_y, test_x, test_y, num_classes)
   n = train_x.shape[0]

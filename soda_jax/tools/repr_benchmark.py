@@ -32,21 +32,10 @@ ABLATIONS = {
 ROWS = ("raw_pixels", "random_encoder") + tuple(ABLATIONS)
 
 
-def _override(config, overrides):
-  config = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
 def run(config, workdir: str, rows: Sequence[str] = ROWS) -> Dict[str, Dict[str, float]]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from soda_jax import config_checks, sharding, train, train_step as ts  # pylint: disable=g-import-not-at-top
+  from soda_jax import config_base, config_checks, sharding, train, train_step as ts  # pylint: disable=g-import-not-at-top
   from soda_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from soda_jax.evaluate import probe, representation  # pylint: disable=g-import-not-at-top
 
@@ -86,7 +75,8 @@ def run(config, workdir: str, rows: Sequence[str] = ROWS) -> Dict[str, Dict[str,
     if name not in rows:
       continue
     t0 = time.time()
-    out = train.train_and_evaluate(_override(config, overrides), os.path.join(workdir, name))
+    out = train.train_and_evaluate(config_base.override(config, overrides),
+                                    os.path.join(workdir, name))
     results[name] = dict(out["eval"], wall_s=time.time() - t0)
     logging.info("%s: %s", name, results[name])
   with open(os.path.join(workdir, "repr_benchmark.json"), "w") as f:
