@@ -100,6 +100,10 @@ def diffusion_errors(d: ml_collections.ConfigDict) -> List[str]:
     errs.append(f"config.diffusion.sample_steps={d.sample_steps!r} must be an int >= 1")
   if d.eta < 0:
     errs.append(f"config.diffusion.eta={d.eta!r} must be >= 0")
+  clip = d.get("clip_x0")
+  if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                           or not clip > 0):
+    errs.append(f"config.diffusion.clip_x0={clip!r} must be a number > 0 or None")
   return errs
 
 

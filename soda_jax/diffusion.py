@@ -275,7 +275,8 @@ def ddim_step(x0_hat: jax.Array, eps_hat: jax.Array, t, s, *, schedule: str, eta
 
 def ddim_sample(predict_fn: PredictFn, x_T: jax.Array, *, rng: Optional[jax.Array],
                 num_steps: int, eta: float = 0.0, schedule: str, pred_type: str,
-                w_z: float = 1.0, w_p: float = 0.0, t_start: float = 1.0) -> jax.Array:
+                w_z: float = 1.0, w_p: float = 0.0, t_start: float = 1.0,
+                clip_x0: Optional[float] = None) -> jax.Array:
   """Sample x0 from x_T (B, H, W, C) with N DDIM steps on t_i = t_start * i / N, i = N .. 0.
 
   Each step evaluates the guided prediction at t_i (see `guided_prediction`; w_z, w_p must be
@@ -284,6 +285,9 @@ def ddim_sample(predict_fn: PredictFn, x_T: jax.Array, *, rng: Optional[jax.Arra
   not x at t=0, which would only add sqrt(ALPHA_BAR_MIN)-sized noise back.
   The loop is a `fori_loop`: compile time does not grow with num_steps. With eta > 0 the noise of
   step i comes from fold_in(rng, i); rng may be None when eta == 0.
+  clip_x0=c clips every x0_hat to [-c, c] and re-derives eps_hat from it (ADM's clip_denoised).
+  Images need it with an eps model: at t=1, a = ALPHA_BAR_MIN and x0_hat = (x_t - sigma eps)/sqrt(a)
+  multiplies the eps error by ~300; unclipped, that error survives every later step.
   """
   _one_of("schedule", schedule, SCHEDULES)
   _one_of("pred_type", pred_type, PRED_TYPES)
@@ -298,6 +302,10 @@ def ddim_sample(predict_fn: PredictFn, x_T: jax.Array, *, rng: Optional[jax.Arra
   if not 0.0 < t_start <= 1.0:
     raise ValueError(f"t_start={t_start!r} must be in (0, 1]")
   guidance_coefficients(w_z, w_p)  # Validate the scales up front.
+  if clip_x0 is not None:
+    clip_x0 = _python_number("clip_x0", clip_x0)
+    if not clip_x0 > 0:
+      raise ValueError(f"clip_x0={clip_x0!r} must be > 0 (or None for no clipping)")
   b = x_T.shape[0]
   n = int(num_steps)
 
@@ -308,6 +316,9 @@ def ddim_sample(predict_fn: PredictFn, x_T: jax.Array, *, rng: Optional[jax.Arra
     s = jnp.full((b,), t_start * ((i - 1) / n), jnp.float32)
     pred = guided_prediction(predict_fn, x, t, w_z, w_p)
     x0_hat, eps_hat = to_x0_eps(pred, pred_type, x, t, schedule)
+    if clip_x0 is not None:
+      x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
+      eps_hat = to_x0_eps(x0_hat, "x0", x, t, schedule)[1]
     noise = None
     if eta > 0:
       noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)

@@ -269,6 +269,30 @@ def test_ddim_eta_noise_depends_on_rng():
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
 
 
+def test_ddim_clip_x0_keeps_estimates_in_range_and_rederives_eps():
+  """An eps model with a small error at t=1 (a = ALPHA_BAR_MIN): x0_hat = (x - sigma eps)/sqrt(a)
+  is ~300x the error; clipped, the first step lands at the clipped x0 plus x_T's own noise."""
+  x_T = _normal(18, (2, 4, 4, 1))
+  predict = lambda x, t, *_: x + 0.05  # noqa: E731  (exact eps at t=1 would be ~x_T)
+  kw = dict(num_steps=1, schedule="inverted", pred_type="eps", w_z=1.0, w_p=0.0)
+  raw = np.asarray(d.ddim_sample(predict, x_T, rng=None, **kw))
+  assert np.abs(raw).max() > 10  # the failure clip_x0 exists for
+  clipped = np.asarray(d.ddim_sample(predict, x_T, rng=None, clip_x0=1.0, **kw))
+  np.testing.assert_allclose(clipped, np.clip(raw, -1, 1))
+  with pytest.raises(ValueError, match=r"clip_x0=0.0 must be > 0"):
+    d.ddim_sample(predict, x_T, rng=None, clip_x0=0.0, **kw)
+  # Two steps (t = 1 -> 0.5 -> out): the second step sees x_s built from the clipped x0_hat and
+  # the eps re-derived from it, so |x_s| stays O(1) instead of ~sqrt(a_s) * 300 * 0.05.
+  two = np.asarray(d.ddim_sample(predict, x_T, rng=None, clip_x0=1.0, **dict(kw, num_steps=2)))
+  x = np.asarray(x_T, np.float64)
+  (a_t, s_t), (a_s, s_s) = [[float(v) for v in d.alpha_bar_pair(t, "inverted")] for t in (1., .5)]
+  x0c = np.clip((x - np.sqrt(s_t) * (x + 0.05)) / np.sqrt(a_t), -1, 1)
+  x_s = np.sqrt(a_s) * x0c + np.sqrt(s_s) * (x - np.sqrt(a_t) * x0c) / np.sqrt(s_t)
+  assert np.abs(x_s).max() < 1 + np.abs(x).max()
+  expected = np.clip((x_s - np.sqrt(s_s) * (x_s + 0.05)) / np.sqrt(a_s), -1, 1)
+  np.testing.assert_allclose(two, expected, atol=1e-5)
+
+
 CONSTS = {(False, False): 0.1, (True, False): 0.3, (True, True): 0.7}
 
 

@@ -16,9 +16,9 @@ IDENTITY_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "schedule", "pred_type", "num_steps",
-                                             "eta", "w_z", "w_p"))
+                                             "eta", "w_z", "w_p", "clip_x0"))
 def _generate(model, variables, source, target_box, rng, *, schedule, pred_type, num_steps, eta,
-              w_z, w_p):
+              w_z, w_p, clip_x0):
   _, z = model.apply(variables, source, method=soda.SODA.encode)
   b = source.shape[0]
 
@@ -31,7 +31,8 @@ def _generate(model, variables, source, target_box, rng, *, schedule, pred_type,
   k_init, k_sample = jax.random.split(rng)
   x_T = jax.random.normal(k_init, source.shape, jnp.float32)
   return diffusion.ddim_sample(predict, x_T, rng=k_sample, num_steps=num_steps, eta=eta,
-                               schedule=schedule, pred_type=pred_type, w_z=w_z, w_p=w_p)
+                               schedule=schedule, pred_type=pred_type, w_z=w_z, w_p=w_p,
+                               clip_x0=clip_x0)
 
 
 def generate(model: soda.SODA, variables: Any, source: jax.Array, rng: jax.Array,
@@ -43,7 +44,8 @@ def generate(model: soda.SODA, variables: Any, source: jax.Array, rng: jax.Array
     target_box = jnp.tile(jnp.asarray([IDENTITY_BOX], jnp.float32), (source.shape[0], 1))
   out = _generate(model, variables, source, target_box, rng, schedule=dcfg.schedule,
                   pred_type=dcfg.pred_type, num_steps=int(num_steps or dcfg.sample_steps),
-                  eta=float(dcfg.eta), w_z=float(dcfg.w_z), w_p=float(dcfg.w_p))
+                  eta=float(dcfg.eta), w_z=float(dcfg.w_z), w_p=float(dcfg.w_p),
+                  clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
   return jnp.clip(out, -1.0, 1.0)
 
 

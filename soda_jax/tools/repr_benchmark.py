@@ -5,7 +5,8 @@
 Rows: raw pixels, a random-init encoder, SODA after the config's training budget, and ablations
 at the same budget: global modulation, no layer masking, cosine schedule, target view = source
 view (plain auto-encoding). Each training row is a full `train_and_evaluate` in its own
-sub-directory, so an interrupted benchmark resumes where it stopped.
+sub-directory, so an interrupted benchmark resumes where it stopped; finished rows are merged
+into `workdir/repr_benchmark.json` as they complete, so runs of separate `--rows` add up.
 """
 import json
 import os
@@ -25,9 +26,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 ABLATIONS = {
     "soda": {},
     "global_modulation": {"model.modulation": "global"},
+    "same_view": {"data.same_view": True},
     "no_layer_mask": {"diffusion.layer_mask_rate": 0.0},
     "cosine_schedule": {"diffusion.schedule": "cosine"},
-    "same_view": {"data.same_view": True},
 }
 ROWS = ("raw_pixels", "random_encoder") + tuple(ABLATIONS)
 
@@ -44,7 +45,19 @@ def run(config, workdir: str, rows: Sequence[str] = ROWS) -> Dict[str, Dict[str,
     raise ValueError(f"--rows has unknown entries {unknown}; choose from {ROWS}")
   config_checks.check(config, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "repr_benchmark.json")
   results = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+
+  def save(name, row):
+    results[name] = row
+    logging.info("%s: %s", name, row)
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)  # atomic: an interrupted write never loses earlier rows
+
   ev = config.evals
   if "raw_pixels" in rows or "random_encoder" in rows:
     tr = pipeline.make_eval_arrays(config, config.data.split, ev.probe_train_examples)
@@ -53,12 +66,12 @@ def run(config, workdir: str, rows: Sequence[str] = ROWS) -> Dict[str, Dict[str,
   if "raw_pixels" in rows:
     t0 = time.time()
     flat = lambda x: x.reshape(x.shape[0], -1).astype(np.float32)
-    results["raw_pixels"] = {
+    save("raw_pixels", {
         "probe_top1": probe.linear_probe(flat(tr["image"]), tr["label"], flat(te["image"]),
                                          te["label"], num_classes=num_classes)["top1"],
         "knn_top1": probe.knn(flat(tr["image"]), tr["label"], flat(te["image"]), te["label"],
                               num_classes=num_classes)["top1"],
-        "wall_s": time.time() - t0}
+        "wall_s": time.time() - t0})
   if "random_encoder" in rows:
     t0 = time.time()
     mesh = sharding.make_mesh(config)
@@ -68,20 +81,17 @@ def run(config, workdir: str, rows: Sequence[str] = ROWS) -> Dict[str, Dict[str,
     bs = max(config.batch_size, 256)
     feats = [representation.extract_features(model, variables, a["image"], mesh, bs)
              for a in (tr, te)]
-    results["random_encoder"] = representation.probe_features(
-        feats[0], tr["label"], feats[1], te["label"], num_classes)
-    results["random_encoder"]["wall_s"] = time.time() - t0
+    save("random_encoder", dict(
+        representation.probe_features(feats[0], tr["label"], feats[1], te["label"], num_classes),
+        wall_s=time.time() - t0))
   for name, overrides in ABLATIONS.items():
     if name not in rows:
       continue
     t0 = time.time()
     out = train.train_and_evaluate(config_base.override(config, overrides),
                                     os.path.join(workdir, name))
-    results[name] = dict(out["eval"], wall_s=time.time() - t0)
-    logging.info("%s: %s", name, results[name])
-  with open(os.path.join(workdir, "repr_benchmark.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  return results
+    save(name, dict(out["eval"], wall_s=time.time() - t0))
+  return {r: results[r] for r in ROWS if r in results}
 
 
 def format_table(results) -> str:
