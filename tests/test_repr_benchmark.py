@@ -1,0 +1,27 @@
+"""The representation benchmark's bookkeeping on the tiny config: rows add up across runs."""
+import json
+
+import pytest
+
+from soda_jax.tools import repr_benchmark
+from tests.test_config_checks import load_config
+
+
+def test_rows_from_separate_runs_merge_into_one_json(tmp_path):
+  config = load_config("tiny")
+  first = repr_benchmark.run(config, str(tmp_path), rows=("raw_pixels",))
+  assert set(first) == {"raw_pixels"}
+  second = repr_benchmark.run(config, str(tmp_path), rows=("random_encoder",))
+  assert list(second) == ["raw_pixels", "random_encoder"]  # table order, earlier row kept
+  with open(tmp_path / "repr_benchmark.json") as f:
+    saved = json.load(f)
+  assert saved["raw_pixels"] == first["raw_pixels"]
+  for key in ("probe_top1_h", "probe_top1_z", "knn_top1_h", "knn_top1_z"):
+    assert 0.0 <= saved["random_encoder"][key] <= 1.0
+  table = repr_benchmark.format_table(second)
+  assert "| raw pixels |" in table and "| random_encoder |" in table
+
+
+def test_unknown_row_is_named():
+  with pytest.raises(ValueError, match=r"--rows has unknown entries \['sodaa'\]"):
+    repr_benchmark.run(load_config("tiny"), "/tmp/unused", rows=("sodaa",))
