@@ -5,7 +5,6 @@ The linear probe picks its weight decay on a split held out from TRAIN; test lab
 only for the final top-1. Each fit is one jitted L-BFGS loop, the k-NN one jitted map over test
 batches; all in float32.
 """
-import contextlib
 import functools
 from typing import Any, Dict, Sequence, Tuple
 
@@ -123,12 +122,9 @@ def _covariance_eig(x: jax.Array, seed: int) -> Tuple[jax.Array, jax.Array]:
 
 def _one_blas_thread():
   """Limits BLAS/LAPACK to one thread, including scipy's OpenBLAS, which jaxlib's eigh calls."""
-  try:
-    # pylint: disable=g-import-not-at-top
-    import scipy.linalg.cython_lapack  # noqa: F401  (loaded first, or the limit misses it)
-    import threadpoolctl  # ships with scikit-learn
-  except ImportError:
-    return contextlib.nullcontext()
+  # pylint: disable=g-import-not-at-top
+  import scipy.linalg.cython_lapack  # noqa: F401  (loaded first, or the limit misses it)
+  import threadpoolctl  # ships with scikit-learn (requirements.txt)
   return threadpoolctl.threadpool_limits(1, user_api="blas")
 
 

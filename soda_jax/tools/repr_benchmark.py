@@ -50,6 +50,8 @@ def run(config, workdir: str, rows: Sequence[str] = ROWS) -> Dict[str, Dict[str,
   if os.path.exists(path):
     with open(path) as f:
       results = json.load(f)
+    logging.info("Keeping rows %s from %s (same workdir = same config, as for the checkpoints)",
+                 sorted(results), path)
 
   def save(name, row):
     results[name] = row
