@@ -96,6 +96,8 @@ def diffusion_errors(d: ml_collections.ConfigDict) -> List[str]:
   _one_of(errs, "diffusion.loss_weighting", d.loss_weighting, diffusion.WEIGHTINGS)
   for k in ("layer_mask_rate", "latent_drop_rate", "pose_drop_rate"):
     _in_range(errs, f"diffusion.{k}", d[k], 0.0, 1.0)
+  if isinstance(d.t_power, bool) or not isinstance(d.t_power, (int, float)) or not d.t_power > 0:
+    errs.append(f"config.diffusion.t_power={d.t_power!r} must be a number > 0")
   if not isinstance(d.sample_steps, int) or d.sample_steps < 1:
     errs.append(f"config.diffusion.sample_steps={d.sample_steps!r} must be an int >= 1")
   if d.eta < 0:

@@ -112,9 +112,18 @@ def _alpha_sigma(t, schedule: str, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
   return _expand(jnp.sqrt(a), x).astype(x.dtype), _expand(jnp.sqrt(s), x).astype(x.dtype)
 
 
-def timesteps(rng: jax.Array, batch_size: int) -> jax.Array:
-  """t ~ U(0, 1), shape (B,)."""
-  return jax.random.uniform(rng, (batch_size,), jnp.float32)
+def timesteps(rng: jax.Array, batch_size: int, power: float = 1.0) -> jax.Array:
+  """Training times (B,): t = 1 - (1 - u)^power, u ~ U(0, 1).
+
+  power = 1 is the paper's t ~ U(0, 1). power > 1 moves mass toward t = 1 (density
+  (1 - t)^(1/power - 1) / power): more steps at high noise, where the target is mostly hidden and
+  the decoder can only lower its loss through z, so more of the gradient reaches the encoder.
+  """
+  power = _python_number("t_power", power)
+  if not power > 0:
+    raise ValueError(f"t_power={power!r} must be > 0")
+  u = jax.random.uniform(rng, (batch_size,), jnp.float32)
+  return u if power == 1.0 else 1.0 - (1.0 - u) ** power
 
 
 def q_sample(x0: jax.Array, t, noise: jax.Array, schedule: str) -> jax.Array:

@@ -99,7 +99,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   k_t, k_noise, k_mask, k_drop = jax.random.split(rng, 4)
   source, target = batch["source"], batch["target"]
   b = target.shape[0]
-  t = diffusion.timesteps(k_t, b)
+  t = diffusion.timesteps(k_t, b, d.t_power)
   noise = jax.random.normal(k_noise, target.shape, jnp.float32)
   x_t = diffusion.q_sample(target, t, noise, d.schedule)
   keep, pose_keep = diffusion.sample_masks(

@@ -34,6 +34,7 @@ def test_shipped_configs_are_valid(name, arg):
     ("diffusion.layer_mask_rate", 1.5, "config.diffusion.layer_mask_rate=1.5 must be in [0.0, 1.0]"),
     ("model.decoder.channel_mult", (), "config.model.decoder.channel_mult=()"),
     ("diffusion.clip_x0", -1.0, "config.diffusion.clip_x0=-1.0 must be a number > 0 or None"),
+    ("diffusion.t_power", 0.0, "config.diffusion.t_power=0.0 must be a number > 0"),
 ])
 def test_bad_model_config_names_key_and_value(key, value, message):
   c = config_base.override(load_config("tiny"), {key: value})

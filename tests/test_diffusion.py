@@ -187,6 +187,19 @@ def test_timesteps():
   t = np.asarray(d.timesteps(KEY, 50_000))
   assert t.shape == (50_000,) and t.min() >= 0 and t.max() < 1
   assert abs(t.mean() - 0.5) < 3 * np.sqrt(1 / 12 / t.size)
+  # power = 1 is exactly the uniform draw (no 1 - (1 - u) round trip), so old runs replay.
+  np.testing.assert_array_equal(d.timesteps(KEY, 100, 1.0), jax.random.uniform(KEY, (100,)))
+
+
+def test_timesteps_power_moves_mass_to_high_noise():
+  p = 3.0
+  t = np.asarray(d.timesteps(KEY, 50_000, p))
+  assert t.min() >= 0 and t.max() <= 1
+  # t = 1 - (1 - u)^p: E[t] = p / (p + 1), P(t > x) = (1 - x)^(1 / p).
+  assert abs(t.mean() - p / (p + 1)) < 0.005
+  assert abs(np.mean(t > 0.9) - 0.1 ** (1 / p)) < 0.01  # 0.464 (uniform: 0.1)
+  with pytest.raises(ValueError, match="t_power=0.0"):
+    d.timesteps(KEY, 4, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------
