@@ -5,7 +5,7 @@ whole mesh. Both the pooled features h and the bottleneck z are probed.
 """
 import functools
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 import jax
@@ -26,28 +26,34 @@ def eval_variables(state, use_ema: bool = True) -> Dict[str, Any]:
   return variables
 
 
-def extract_features(model: soda.SODA, variables, images: np.ndarray, mesh,
-                     batch_size: int) -> Dict[str, np.ndarray]:
-  """images (N, H, W, C) in [-1, 1] -> {'h': (N, F), 'z': (N, latent_dim)} as numpy.
+def map_batches(fn, variables, images: np.ndarray, mesh, batch_size: int) -> Tuple[np.ndarray, ...]:
+  """fn(variables, images (b, ...)) -> tuple of (b, ...) arrays, over all images as numpy.
 
-  The last partial batch is padded (and the padding dropped) so one compiled shape serves all.
+  Batches are split over the whole mesh; the last partial batch is padded (and the padding
+  dropped) so one compiled shape serves all.
   """
   n = images.shape[0]
   batch_size = max(mesh.size, (batch_size // mesh.size) * mesh.size)
-  encode = jax.jit(functools.partial(model.apply, method=soda.SODA.encode),
-                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.replicated(mesh))
+  fn = jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+               out_shardings=sharding.replicated(mesh))
   variables = jax.device_put(variables, sharding.replicated(mesh))
-  hs, zs = [], []
+  outs = []
   for i in range(0, n, batch_size):
     chunk = images[i:i + batch_size]
     pad = batch_size - chunk.shape[0]
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    h, z = encode(variables, jax.device_put(chunk, sharding.batch_sharding(mesh)))
-    hs.append(np.asarray(h)[:batch_size - pad])
-    zs.append(np.asarray(z)[:batch_size - pad])
-  return {"h": np.concatenate(hs).astype(np.float32), "z": np.concatenate(zs).astype(np.float32)}
+    out = fn(variables, jax.device_put(chunk, sharding.batch_sharding(mesh)))
+    outs.append([np.asarray(o)[:batch_size - pad] for o in out])
+  return tuple(np.concatenate(parts) for parts in zip(*outs))
+
+
+def extract_features(model: soda.SODA, variables, images: np.ndarray, mesh,
+                     batch_size: int) -> Dict[str, np.ndarray]:
+  """images (N, H, W, C) in [-1, 1] -> {'h': (N, F), 'z': (N, latent_dim)} as float32 numpy."""
+  h, z = map_batches(functools.partial(model.apply, method=soda.SODA.encode), variables, images,
+                     mesh, batch_size)
+  return {"h": h.astype(np.float32), "z": z.astype(np.float32)}
 
 
 def probe_features(train_feats, train_y, test_feats, test_y, num_classes) -> Dict[str, float]:
