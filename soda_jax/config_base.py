@@ -60,7 +60,8 @@ def diffusion_config() -> ml_collections.ConfigDict:
       # weights the high-noise end, where the decoder must lean on z, by |dx0|^2 instead of ~0.
       pred_type="v",
       loss_weighting="none",
-      t_power=1.0,  # training t = 1 - (1 - u)^t_power; 1 = U(0, 1) as in the paper, > 1 = more high noise
+      # Training t = 1 - (1 - u)^t_power: 1 = U(0, 1) as in the paper; > 1 = more high noise.
+      t_power=1.0,
       layer_mask_rate=0.1,
       latent_drop_rate=0.1,
       pose_drop_rate=0.1,

@@ -6,9 +6,11 @@ Rows: raw pixels, a random-init encoder, SODA after the config's training budget
 at the same budget: global modulation, no layer masking, cosine schedule, target view = source
 view (plain auto-encoding). `supervised` is a reference, not a method: the same encoder trained
 with the labels (cross-entropy through a linear head) on as many images as SODA sees, to show
-what this encoder can reach at this budget when its signal is not the bottleneck. Each training row is a full `train_and_evaluate` in its own
-sub-directory, so an interrupted benchmark resumes where it stopped; finished rows are merged
-into `workdir/repr_benchmark.json` as they complete, so runs of separate `--rows` add up.
+what this encoder can reach at this budget when its signal is not the bottleneck.
+
+Each SODA row is a full `train_and_evaluate` in its own sub-directory, so an interrupted
+benchmark resumes where it stopped; finished rows are merged into `workdir/repr_benchmark.json`
+as they complete, so runs of separate `--rows` add up.
 """
 import json
 import os
