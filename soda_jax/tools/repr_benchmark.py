@@ -90,9 +90,9 @@ def train_supervised_encoder(config, images, labels, num_classes: int, mesh):
     # One step in flight at a time: queuing many small sharded steps on the 8 fake CPU devices
     # deadlocked an all-reduce here (XLA "Termination timeout ... only 7 of 8 arrived"; cf.
     # jax-ml/jax#25861, CPU async dispatch). Costs nothing measurable at this size.
-    losses.append(loss.block_until_ready())
+    losses.append(float(loss))  # the host read is the wait
   enc = {"params": params["encoder"], **({"batch_stats": stats["encoder"]} if stats else {})}
-  return enc, (float(losses[0]), float(np.mean(jax.device_get(losses[-10:]))))
+  return enc, (losses[0], float(np.mean(losses[-10:])))
 
 
 def run(config, workdir: str, rows: Sequence[str] = ROWS) -> Dict[str, Dict[str, float]]:
