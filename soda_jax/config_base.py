@@ -43,6 +43,8 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   m.latent_dim = v["latent_dim"]
   m.modulation = "layer"  # 'layer' (SODA) | 'global' (whole z to every block)
   m.pose = "none"  # 'none' | 'box' (target crop box relative to the source, as a pose map)
+  m.latent_init = "zero"  # init of each block's latent projection: 'zero' | 'lecun'
+  m.latent_act = "none"  # on z before the projections: 'none' | 'silu' 
   dec = dict(num_heads=0, remat=False)
   dec.update(v["decoder"])
   m.decoder = ml_collections.ConfigDict(dec)
@@ -111,12 +113,16 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       samples_every_steps=0,  # 0 = only at the end
       num_samples=8,
       probe_every_steps=0,  # 0 = only at the end; -1 = never
+      # Decoder's x0-error with true / shuffled / dropped z on a held-out two-view batch
+      # (evaluate/z_usage.py): 0 = only at the end; -1 = never.
+      z_usage_every_steps=0,
+      z_usage_examples=64,
       probe_train_examples=2000,
       probe_test_examples=1000,
   ))
   c.distributed = False  # call jax.distributed.initialize() (multi-host pods)
-  c.compilation_cache_dir = ""  # persistent XLA cache, '' = off
-  c.cpu_fast_conv = False  # custom-VJP conv weight gradient (CPU only)
+  # Persistent XLA cache: 'auto' = ~/.cache/soda_jax/xla (unless already set), '' = off, or a dir.
+  c.compilation_cache_dir = "auto"
   return c
 
 

@@ -44,6 +44,8 @@ def model_errors(model: ml_collections.ConfigDict, image_size: Optional[int] = N
         break
   _one_of(errs, "model.modulation", model.modulation, soda.MODULATIONS)
   _one_of(errs, "model.pose", model.pose, soda.POSES)
+  _one_of(errs, "model.latent_init", model.latent_init, soda.LATENT_INITS)
+  _one_of(errs, "model.latent_act", model.latent_act, soda.LATENT_ACTS)
 
   mult = tuple(dec.channel_mult)
   if not mult or not all(isinstance(m, int) and m > 0 for m in mult):
@@ -143,6 +145,13 @@ def training_errors(config: ml_collections.ConfigDict, num_devices: int,
   for k in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if not isinstance(config[k], int) or config[k] < 1:
       errs.append(f"config.{k}={config[k]!r} must be a positive int")
+  ev = config.evals
+  if not isinstance(ev.z_usage_every_steps, int) or ev.z_usage_every_steps < -1:
+    errs.append(f"config.evals.z_usage_every_steps={ev.z_usage_every_steps!r} must be an int "
+                ">= -1 (-1 = never, 0 = at the end)")
+  if not isinstance(ev.z_usage_examples, int) or ev.z_usage_examples < 2:
+    errs.append(f"config.evals.z_usage_examples={ev.z_usage_examples!r} must be an int >= 2 "
+                "(shuffling z needs two examples)")
   o = config.optim
   for k in ("lr", "weight_decay", "grad_clip", "encoder_lr_mult"):
     if not isinstance(o[k], (int, float)) or o[k] < 0:

@@ -214,11 +214,16 @@ def sample_masks(rng: jax.Array, batch_size: int, num_subvectors: int, *, layer_
   with layer_mask_rate; with latent_drop_rate the whole z drops (row all False, the unconditional
   case guidance needs); the pose drops independently with pose_drop_rate. The three draws use
   separate fold_in keys so they are independent of each other.
+
+  With one group (global modulation) a layer mask would be a second whole-latent drop, making the
+  'global' ablation drop z ~19% of the time against ~10% for 'layer': it is not applied, so
+  both modes drop the whole z at latent_drop_rate (plus, for 'layer', all groups by chance).
   """
   for name, rate in (("layer_mask_rate", layer_mask_rate), ("latent_drop_rate", latent_drop_rate),
                      ("pose_drop_rate", pose_drop_rate)):
     _check_rate(name, rate)
-  sub_drop = jax.random.bernoulli(jax.random.fold_in(rng, 0), layer_mask_rate,
+  sub_drop = jax.random.bernoulli(jax.random.fold_in(rng, 0),
+                                  layer_mask_rate if num_subvectors > 1 else 0.0,
                                   (batch_size, num_subvectors))
   latent_drop = jax.random.bernoulli(jax.random.fold_in(rng, 1), latent_drop_rate, (batch_size,))
   pose_drop = jax.random.bernoulli(jax.random.fold_in(rng, 2), pose_drop_rate, (batch_size,))

@@ -3,7 +3,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
@@ -14,7 +14,7 @@ import numpy as np
 
 from soda_jax import checkpointing, config_checks, sharding, train_step as ts
 from soda_jax.data import pipeline
-from soda_jax.evaluate import generate, representation
+from soda_jax.evaluate import generate, representation, z_usage
 
 
 class _Preemption:
@@ -39,11 +39,25 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def enable_compilation_cache(setting: str) -> None:
+  """Persistent XLA cache, so a rerun or a resumed run starts in seconds instead of compiling.
+
+  'auto': $XDG_CACHE_HOME/soda_jax/xla (~/.cache/...) unless the process already set a cache
+  directory (tests, a Colab); '': off; anything else: that directory.
+  """
+  if not setting or (setting == "auto" and jax.config.jax_compilation_cache_dir):
+    return
+  if setting == "auto":
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    setting = os.path.join(root, "soda_jax", "xla")
+  jax.config.update("jax_compilation_cache_dir", setting)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  logging.info("Persistent compilation cache: %s", setting)
+
+
 def _sample_grid(config, model, state, eval_source, rng, step, workdir, writer):
   """Reconstructions of held-out source views (EMA params): TensorBoard + PNG in workdir."""
-  variables = {"params": state.ema_params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
+  variables = state.eval_variables()
   recon = generate.generate(model, variables, eval_source, rng, config.diffusion)
   grid = generate.image_grid([eval_source, recon])
   if jax.process_index() == 0:
@@ -53,12 +67,16 @@ def _sample_grid(config, model, state, eval_source, rng, step, workdir, writer):
   return np.asarray(recon)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Train (resuming from workdir if a checkpoint is there); return the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after: Optional[int] = None) -> Dict[str, Any]:
+  """Train (resuming from workdir if a checkpoint is there); return the final metrics.
+
+  stop_after: pause at this step (checkpoint saved, no final evals) without changing the
+  schedule; calling again with a larger value (or None) resumes. Learning curves use it.
+  """
   # ---------------------------------------------------------------- validate + mesh
   config_checks.check(config, jax.device_count(), jax.process_count())
-  if config.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+  enable_compilation_cache(config.compilation_cache_dir)
   mesh = sharding.make_mesh(config)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(
@@ -85,6 +103,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   state, state_shardings, num_replicated = ts.create_state(model, tx, config, mesh, init_rng)
   if jax.process_index() == 0:
     parameter_overview.log_parameter_overview(state.params)
+  z_usage_fn = None
+  if config.evals.z_usage_every_steps >= 0:
+    z_usage_fn = z_usage.make_z_usage_fn(
+        model, config, z_usage.heldout_pair_batch(config, config.evals.z_usage_examples))
+
+  def log_z_usage(step):
+    scalars = z_usage_fn(state.eval_variables())
+    writer.write_scalars(step, scalars)
+    logging.info("z usage at step %d: %s", step,
+                 ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in sorted(scalars.items())))
+    return scalars
+
   logging.info("%d param/opt leaves kept replicated (a dim not divisible by its mesh axes).",
                num_replicated)
 
@@ -105,11 +135,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   # ---------------------------------------------------------------- loop
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
   pending = []  # device metrics since the last log step (no host sync in between)
-  history = []
+  history, z_history = [], []
   step = start_step
+  until = config.num_train_steps if stop_after is None else min(stop_after, config.num_train_steps)
   logging.info("Starting the training loop at step %d of %d.", step, config.num_train_steps)
   with _Preemption() as preemption:
-    while step < config.num_train_steps:
+    while step < until:
       batch = pipeline.to_global_batch(next(train_iter), mesh)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = step_fn(state, batch, step_rng)
@@ -117,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       step += 1
       report(step, time.time())
 
-      last = step == config.num_train_steps
+      last = step == until
       if step % config.log_every_steps == 0 or last or preemption.requested:
         host = jax.device_get(pending)
         summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -134,6 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       every = config.evals.samples_every_steps
       if eval_source is not None and every > 0 and step % every == 0 and not last:
         _sample_grid(config, model, state, eval_source, sample_rng, step, workdir, writer)
+      every = config.evals.z_usage_every_steps
+      if z_usage_fn is not None and every > 0 and step % every == 0 and not last:
+        z_history.append((step, log_z_usage(step)))
       every = config.evals.probe_every_steps
       if every > 0 and step % every == 0 and not last:
         writer.write_scalars(step, representation.evaluate(config, model, state, mesh))
@@ -145,6 +179,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   # ---------------------------------------------------------------- final evals
   result = {"step": step, "history": history, "preempted": preemption.requested}
   finished = not preemption.requested and step == config.num_train_steps
+  if z_usage_fn is not None and not preemption.requested:  # also at a stop_after pause
+    z_history.append((step, log_z_usage(step)))
+  result["z_usage"] = z_history
   if finished and eval_source is not None:
     _sample_grid(config, model, state, eval_source, sample_rng, step, workdir, writer)
   if finished and config.evals.probe_every_steps >= 0:

@@ -25,15 +25,45 @@ class TrainState:
   batch_stats: Any  # encoder BatchNorm statistics ({} for GroupNorm encoders)
   opt_state: Any
   ema_params: Any
+  # EMA of batch_stats at the same decay: BatchNorm statistics that belong to the EMA weights
+  # (the online statistics track the online weights, which run ahead of the EMA ones).
+  ema_batch_stats: Any
+
+  def eval_variables(self, use_ema: bool = True) -> Dict[str, Any]:
+    """The `apply` variables for evaluation: EMA params with *their* BatchNorm statistics."""
+    if use_ema:
+      return model_variables(self.ema_params, self.ema_batch_stats)
+    return model_variables(self.params, self.batch_stats)
+
+
+def model_variables(params, batch_stats) -> Dict[str, Any]:
+  """{'params'[, 'batch_stats']}: the one place that assembles a variables dict."""
+  return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
+# Parts of the model whose gradient norms are logged separately (first matching rule wins), so
+# a run shows when the encoder starts to receive signal through z.
+GRAD_PARTS = (("encoder", lambda p: p.startswith("encoder/")),
+              ("head", lambda p: p.startswith("head/")),
+              ("latent_proj", lambda p: "/latent_proj/" in p),
+              ("decoder_rest", lambda p: p.startswith("decoder/")))
+
+
+def part_grad_norms(grads) -> Dict[str, jax.Array]:
+  """{'grad_norm/<part>': global L2 norm of that part's gradient} for GRAD_PARTS."""
+  sq = {name: jnp.zeros((), jnp.float32) for name, _ in GRAD_PARTS}
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    p = _path_str(path)
+    name = next((n for n, rule in GRAD_PARTS if rule(p)), None)
+    if name is None:
+      raise ValueError(f"gradient leaf {p!r} belongs to none of {[n for n, _ in GRAD_PARTS]}")
+    sq[name] = sq[name] + jnp.sum(jnp.square(g.astype(jnp.float32)))
+  return {f"grad_norm/{k}": jnp.sqrt(v) for k, v in sq.items()}
 
 
 def build_model(config: ml_collections.ConfigDict) -> soda.SODA:
-  conv_impl = None
-  if config.get("cpu_fast_conv", False) and jax.default_backend() == "cpu":
-    from soda_jax.models import cpu_conv  # pylint: disable=g-import-not-at-top
-    conv_impl = cpu_conv.conv_general_dilated
   return soda.build_model(config.model, image_channels=config.data.channels,
-                          dtype=COMPUTE_DTYPES[config.compute_dtype], conv_impl=conv_impl)
+                          dtype=COMPUTE_DTYPES[config.compute_dtype])
 
 
 def _path_str(path) -> str:
@@ -73,9 +103,9 @@ def _init_boxed(model, tx, config, rng):
   inputs = soda.init_inputs(1, config.data.image_size, config.data.channels, model.num_subvectors)
   variables = model.init(rng, **inputs)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                    ema_params=params)
+  stats = variables.get("batch_stats", {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                    opt_state=tx.init(params), ema_params=params, ema_batch_stats=stats)
 
 
 def create_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
@@ -107,11 +137,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
       latent_drop_rate=d.latent_drop_rate, pose_drop_rate=d.pose_drop_rate)
 
   def loss_fn(params):
-    variables = {"params": params}
-    mutable = []
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
-      mutable = ["batch_stats"]
+    variables = model_variables(params, state.batch_stats)
+    mutable = ["batch_stats"] if state.batch_stats else []
     out = model.apply(variables, source, x_t, t, keep, batch.get("target_box"), pose_keep,
                       train=True, rngs={"dropout": k_drop}, mutable=mutable or False)
     pred, new_vars = out if mutable else (out, {})
@@ -123,11 +150,12 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = config.optim.ema_decay
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  ema = functools.partial(jax.tree.map, lambda e, p: decay * e + (1.0 - decay) * p)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "learning_rate": lr_schedule(config)(state.step)}
+             "learning_rate": lr_schedule(config)(state.step), **part_grad_norms(grads)}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, ema_params=ema)
+                            opt_state=opt_state, ema_params=ema(state.ema_params, params),
+                            ema_batch_stats=ema(state.ema_batch_stats, batch_stats))
   return new_state, metrics
 
 

@@ -22,7 +22,7 @@ TIMING_FIELDS = ("compile_s", "warmup", "steps", "step_s_median", "step_s_min", 
                  "peak_device_memory_bytes", "device_memory_note", "compiled_memory",
                  "host_peak_rss_bytes", "host_cpu_s_per_step")
 TOP_FIELDS = ("jax_version", "backend", "device_kind", "num_devices", "process_count", "mesh",
-              "batch_size", "image_size", "channels", "compute_dtype", "cpu_fast_conv",
+              "batch_size", "image_size", "channels", "compute_dtype",
               "xla_flags", "compilation_cache_dir", "peak_tflops_per_device",
               "peak_tflops_source", "params", "results", "host_peak_rss_bytes")
 

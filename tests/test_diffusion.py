@@ -415,3 +415,12 @@ def test_vmap_matches_batch():
   got, want = jax.vmap(conv)(eps, x0, t), conv(eps, x0, t)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+def test_global_modulation_drops_z_only_at_the_latent_rate():
+  """One group: layer masking is not applied, so 'global' drops z as often as 'layer' drops all."""
+  b = 50_000
+  keep, _ = d.sample_masks(KEY, b, 1, layer_mask_rate=0.5, latent_drop_rate=0.1,
+                           pose_drop_rate=0.0)
+  off = ~np.asarray(keep)[:, 0]
+  assert abs(off.mean() - 0.1) < 3 * np.sqrt(0.1 * 0.9 / b), off.mean()

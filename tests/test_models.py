@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from soda_jax import config_base, diffusion
-from soda_jax.models import cpu_conv, layers, soda
+from soda_jax.models import layers, soda
 
 IMG = 16
 B = 4
@@ -178,7 +178,7 @@ def test_decoder_uses_z():
   Measured (tiny config, 16 images, 300 Adam steps, lr 2e-3): true z 0.058 vs shuffled 0.103.
   """
   m = config_base.model_config("tiny")
-  model = soda.build_model(m, image_channels=1, conv_impl=cpu_conv.conv_general_dilated)
+  model = soda.build_model(m, image_channels=1)
   n, pred_type = 16, "x0"
   rng = np.random.default_rng(0)
   # Distinct images: random discs, so reconstruction needs per-image information.

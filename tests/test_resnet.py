@@ -9,7 +9,6 @@ import math
 import flax.linen as nn
 from flax import traverse_util
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -114,18 +113,6 @@ def test_output_shapes(depth, version, stem, size, width, out):
   assert ("batch_stats" in variables) == (version == "v1.5")
 
 
-def test_conv_impl_is_used_by_every_conv():
-  calls = []
-
-  def conv_impl(*args, **kwargs):
-    calls.append(args[1].shape)
-    return lax.conv_general_dilated(*args, **kwargs)
-
-  model = ResNet(depth=18, version="v1.5", stem="cifar", width=8, conv_impl=conv_impl)
-  _abstract_variables(model, size=16)
-  assert len(calls) == 1 + 2 * 8 + 3  # stem, 8 basic blocks, 3 projections
-
-
 @pytest.mark.parametrize("block,last", [
     (functools.partial(resnet.BasicBlock), ("bn2", "scale")),
     (functools.partial(resnet.Bottleneck), ("bn3", "scale")),
@@ -134,7 +121,7 @@ def test_conv_impl_is_used_by_every_conv():
 ])
 def test_zero_init_residual(block, last):
   # Block-level (a whole-model init compiles for seconds); ResNet passes the flag to each block.
-  conv = functools.partial(resnet._conv, dtype=jnp.float32, conv_impl=None)  # pylint: disable=protected-access
+  conv = functools.partial(resnet._conv, dtype=jnp.float32)  # pylint: disable=protected-access
   norm = functools.partial(nn.GroupNorm, num_groups=2)
   x = jnp.zeros((1, 4, 4, 8))
   for zero in (False, True):

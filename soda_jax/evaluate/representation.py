@@ -19,13 +19,6 @@ from soda_jax.evaluate import generate, metrics, probe
 from soda_jax.models import soda
 
 
-def eval_variables(state, use_ema: bool = True) -> Dict[str, Any]:
-  variables = {"params": state.ema_params if use_ema else state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return variables
-
-
 def map_batches(fn, variables, images: np.ndarray, mesh, batch_size: int) -> Tuple[np.ndarray, ...]:
   """fn(variables, images (b, ...)) -> tuple of (b, ...) arrays, over all images as numpy.
 
@@ -56,6 +49,31 @@ def extract_features(model: soda.SODA, variables, images: np.ndarray, mesh,
   return {"h": h.astype(np.float32), "z": z.astype(np.float32)}
 
 
+def calibrate_batch_stats(model: soda.SODA, variables, images: np.ndarray,
+                          batch_size: int = 256, passes: int = 1) -> Dict[str, Any]:
+  """The encoder's BatchNorm statistics re-estimated on `images`, weights unchanged.
+
+  A random-init encoder evaluated with its *initial* statistics (mean 0, var 1) is an
+  unnormalised net whose probe accuracy swings by points from one init to another; a trained one
+  has statistics of real data. Comparing a trained encoder with a calibrated random one keeps
+  "learning" from being credited with what is only BatchNorm calibration. Runs the encoder in
+  train mode (running averages, momentum as configured) over `passes` of the images in order.
+  Returns variables with the new 'batch_stats' ({} encoders without BatchNorm: unchanged).
+  """
+  if "batch_stats" not in variables:
+    return variables
+
+  @jax.jit
+  def update(v, x):
+    _, new = model.apply(v, x, train=True, method=soda.SODA.encode, mutable=["batch_stats"])
+    return {**v, "batch_stats": new["batch_stats"]}
+
+  for _ in range(passes):
+    for i in range(0, images.shape[0] - batch_size + 1, batch_size):
+      variables = update(variables, images[i:i + batch_size])
+  return variables
+
+
 def probe_features(train_feats, train_y, test_feats, test_y, num_classes) -> Dict[str, float]:
   out = {}
   for name in ("h", "z"):
@@ -67,14 +85,21 @@ def probe_features(train_feats, train_y, test_feats, test_y, num_classes) -> Dic
 
 
 def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, state, mesh,
-             rng: Optional[jax.Array] = None, recon_examples: int = 64) -> Dict[str, float]:
-  """Linear probe + k-NN on h and z (EMA encoder), and reconstruction PSNR/SSIM."""
+             rng: Optional[jax.Array] = None, recon_examples: int = 64,
+             calibrate_bn: bool = False) -> Dict[str, float]:
+  """Linear probe + k-NN on h and z (EMA encoder), and reconstruction PSNR/SSIM.
+
+  calibrate_bn: first re-estimate the BatchNorm statistics on the probe's train images
+  (`calibrate_batch_stats`); for the random-init reference level.
+  """
   t0 = time.time()
   ev = config.evals
   train = pipeline.make_eval_arrays(config, config.data.split, ev.probe_train_examples)
   test = pipeline.make_eval_arrays(config, config.data.eval_split, ev.probe_test_examples)
   num_classes = int(max(train["label"].max(), test["label"].max())) + 1
-  variables = eval_variables(state)
+  variables = state.eval_variables()
+  if calibrate_bn:
+    variables = calibrate_batch_stats(model, variables, train["image"])
   bs = max(config.batch_size, 256)
   train_f = extract_features(model, variables, train["image"], mesh, bs)
   test_f = extract_features(model, variables, test["image"], mesh, bs)

@@ -3,7 +3,7 @@
 Every kernel carries logical axis names (see `soda_jax/sharding.py` for the rules that map them
 onto the mesh). Names are the ones that appear in checkpoints and exports: keep them stable.
 """
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -20,16 +20,14 @@ _conv_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
 
 def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, conv_impl: Optional[Callable] = None,
-         name: Optional[str] = None) -> nn.Conv:
+         dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.Conv:
   """A SAME-padded NHWC conv with logically-partitioned kernel and bias."""
   init = nn.initializers.zeros if zero_init else _conv_init
-  kwargs = {} if conv_impl is None else {"conv_general_dilated": conv_impl}
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding="SAME", dtype=dtype,
       kernel_init=nn.with_logical_partitioning(init, CONV_AXES),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-      name=name, **kwargs)
+      name=name)
 
 
 def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
@@ -109,28 +107,27 @@ class ResBlock(nn.Module):
   num_groups: int = 32
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  conv_impl: Optional[Callable] = None
+  latent_init: str = "zero"  # 'zero' | 'lecun': init of latent_proj (soda.LATENT_INITS)
 
   @nn.compact
   def __call__(self, x, t_emb, z_sub, z_keep, train: bool):
     # x: (B, H, W, Cin); t_emb: (B, T); z_sub: (B, d) or None; z_keep: (B,) bool.
     h = nn.silu(group_norm(self.num_groups, "norm_0")(x)).astype(self.dtype)
-    h = conv(self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="conv_0")(h)
+    h = conv(self.features, dtype=self.dtype, name="conv_0")(h)
     st, bt = jnp.split(dense(2 * self.features, dtype=self.dtype, name="time_proj")(
         nn.silu(t_emb))[:, None, None, :], 2, axis=-1)
     h = group_norm(self.num_groups, "norm_1")(h) * (1 + st) + bt
     if z_sub is not None:
-      mod = dense(2 * self.features, zero_init=True, dtype=self.dtype, name="latent_proj")(z_sub)
+      mod = dense(2 * self.features, zero_init=self.latent_init == "zero", dtype=self.dtype,
+                  name="latent_proj")(z_sub)
       mod = jnp.where(z_keep[:, None], mod, jnp.zeros_like(mod))
       sz, bz = jnp.split(mod[:, None, None, :], 2, axis=-1)
       h = h * (1 + sz) + bz
     h = nn.silu(h).astype(self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv(self.features, zero_init=True, dtype=self.dtype, conv_impl=self.conv_impl,
-             name="conv_1")(h)
+    h = conv(self.features, zero_init=True, dtype=self.dtype, name="conv_1")(h)
     if x.shape[-1] != self.features:
-      x = conv(self.features, kernel=1, dtype=self.dtype, conv_impl=self.conv_impl,
-               name="skip")(x)
+      x = conv(self.features, kernel=1, dtype=self.dtype, name="skip")(x)
     return x.astype(self.dtype) + h
 
 
@@ -158,22 +155,19 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
-  conv_impl: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x):
     # Strided 3x3 conv; odd sizes round up (SAME padding), e.g. 7 -> 4.
-    return conv(self.features, stride=2, dtype=self.dtype, conv_impl=self.conv_impl,
-                name="conv")(x)
+    return conv(self.features, stride=2, dtype=self.dtype, name="conv")(x)
 
 
 class Upsample(nn.Module):
   features: int
   dtype: Dtype = jnp.float32
-  conv_impl: Optional[Callable] = None
 
   @nn.compact
   def __call__(self, x, out_hw):
     # Nearest x2, then crop to the skip connection's size (undoes the round-up of odd sizes).
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)[:, :out_hw[0], :out_hw[1]]
-    return conv(self.features, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x)
+    return conv(self.features, dtype=self.dtype, name="conv")(x)

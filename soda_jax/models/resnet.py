@@ -37,8 +37,7 @@ _zeros = nn.with_logical_partitioning(nn.initializers.zeros, NORM_AXES)
 
 
 def _conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype,
-          conv_impl: Optional[Callable], zero_init: bool = False,
-          name: Optional[str] = None) -> nn.Conv:
+          zero_init: bool = False, name: Optional[str] = None) -> nn.Conv:
   """Bias-free conv with torchvision's symmetric padding (k // 2 each side).
 
   Flax's 'SAME' pads a stride-2 conv on an even input only at the end; torchvision pads both
@@ -49,8 +48,7 @@ def _conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype,
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(init, CONV_AXES),
-      conv_general_dilated=conv_impl or jax.lax.conv_general_dilated, name=name)
+      kernel_init=nn.with_logical_partitioning(init, CONV_AXES), name=name)
 
 
 class BasicBlock(nn.Module):
@@ -143,8 +141,6 @@ class ResNet(nn.Module):
     dtype: compute dtype. Params are always float32; norm statistics are reduced in float32.
     zero_init_residual: start every residual branch at zero (v1.5: last BN scale, like
       torchvision's flag; v2: last conv kernel). Default False, like torchvision.
-    conv_impl: replaces `lax.conv_general_dilated` in every conv (same signature), e.g.
-      `models.cpu_conv.conv_general_dilated`; None = lax.
   """
   depth: int = 50
   version: str = "v1.5"
@@ -153,7 +149,6 @@ class ResNet(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   zero_init_residual: bool = False
-  conv_impl: Optional[Callable[..., jax.Array]] = None
 
   def __post_init__(self):
     self.validate()  # at construction, so a bad config fails before anything traces
@@ -182,7 +177,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
+    conv = functools.partial(_conv, dtype=self.dtype)
     v2 = self.version == "v2"
     if v2:
       norm = functools.partial(

@@ -14,6 +14,8 @@ from soda_jax.models.unet import UNet
 MODULATIONS = ("layer", "global")
 POSES = ("none", "box")
 POSE_CHANNELS = {"none": 0, "box": 3}
+LATENT_INITS = ("zero", "lecun")  # init of each block's latent_proj Dense
+LATENT_ACTS = ("none", "silu")  # applied to z before the per-block projections
 
 
 def split_sizes(latent_dim: int, num_parts: int) -> Tuple[int, ...]:
@@ -42,6 +44,7 @@ class SODA(nn.Module):
   latent_dim: int
   modulation: str = "layer"
   pose: str = "none"
+  latent_act: str = "none"
 
   def setup(self):
     self.head = layers.dense(self.latent_dim)
@@ -57,6 +60,8 @@ class SODA(nn.Module):
 
   def modulations(self, z, keep) -> List[Tuple[jax.Array, jax.Array]]:
     num_levels = len(self.decoder.channel_mult)
+    if self.latent_act == "silu":
+      z = nn.silu(z)
     if self.modulation == "global":
       return [(z, keep[:, 0])] * (num_levels + 1)
     subs = jnp.split(z, list(itertools.accumulate(split_sizes(self.latent_dim, num_levels + 1)))[:-1], axis=-1)
@@ -79,19 +84,19 @@ class SODA(nn.Module):
 
 
 def build_model(model: ml_collections.ConfigDict, *, image_channels: int,
-                dtype: Any = jnp.float32, conv_impl=None) -> SODA:
+                dtype: Any = jnp.float32) -> SODA:
   """SODA from the `config.model` section (validated by config_checks beforehand)."""
   enc, dec = model.encoder, model.decoder
   encoder = ResNet(depth=enc.depth, version=enc.version, stem=enc.stem, width=enc.width,
-                   num_groups=enc.get("num_groups", 32), dtype=dtype, conv_impl=conv_impl)
+                   num_groups=enc.get("num_groups", 32), dtype=dtype)
   decoder = UNet(
       out_channels=image_channels, base_channels=dec.base_channels,
       channel_mult=tuple(dec.channel_mult), num_res_blocks=dec.num_res_blocks,
       attention_resolutions=tuple(dec.attention_resolutions), num_heads=dec.num_heads,
       head_dim=dec.head_dim, dropout=dec.dropout, num_groups=dec.num_groups, dtype=dtype,
-      remat=dec.get("remat", False), conv_impl=conv_impl)
+      remat=dec.get("remat", False), latent_init=model.latent_init)
   return SODA(encoder=encoder, decoder=decoder, latent_dim=model.latent_dim,
-              modulation=model.modulation, pose=model.pose)
+              modulation=model.modulation, pose=model.pose, latent_act=model.latent_act)
 
 
 def init_inputs(batch_size: int, image_size: int, channels: int, num_groups: int):

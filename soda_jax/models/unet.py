@@ -1,5 +1,5 @@
 """ADM/DDPM-style UNet decoder whose res blocks are modulated per level by latent sub-vectors."""
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,7 @@ class UNet(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   remat: bool = False
-  conv_impl: Optional[Callable] = None
+  latent_init: str = "zero"
 
   @nn.compact
   def __call__(self, x, t, mods: Sequence[Modulation], pose_map=None, *, train: bool):
@@ -46,8 +46,7 @@ class UNet(nn.Module):
     if len(mods) != num_levels + 1:
       raise ValueError(f"UNet needs {num_levels + 1} modulation groups, got {len(mods)}")
     block_cls = nn.remat(layers.ResBlock, static_argnums=(5,)) if self.remat else layers.ResBlock
-    kw = dict(num_groups=self.num_groups, dropout=self.dropout, dtype=self.dtype,
-              conv_impl=self.conv_impl)
+    kw = dict(num_groups=self.num_groups, dropout=self.dropout, dtype=self.dtype, latent_init=self.latent_init)
     attn_kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, num_groups=self.num_groups,
                    dtype=self.dtype)
     sizes = level_sizes(x.shape[1], num_levels)
@@ -55,8 +54,7 @@ class UNet(nn.Module):
     t_emb = layers.TimeEmbed(4 * self.base_channels, dtype=self.dtype, name="time_embed")(t)
     if pose_map is not None:
       x = jnp.concatenate([x, pose_map.astype(x.dtype)], axis=-1)
-    h = layers.conv(self.base_channels, dtype=self.dtype, conv_impl=self.conv_impl,
-                    name="conv_in")(x.astype(self.dtype))
+    h = layers.conv(self.base_channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
 
     skips = [h]
     for i, mult in enumerate(self.channel_mult):
@@ -68,7 +66,7 @@ class UNet(nn.Module):
           h = layers.AttnBlock(name=f"down_{i}_attn_{j}", **attn_kw)(h)
         skips.append(h)
       if i < num_levels - 1:
-        h = layers.Downsample(h.shape[-1], dtype=self.dtype, conv_impl=self.conv_impl,
+        h = layers.Downsample(h.shape[-1], dtype=self.dtype,
                               name=f"down_{i}_downsample")(h)
         skips.append(h)
 
@@ -86,11 +84,10 @@ class UNet(nn.Module):
         if sizes[i] in self.attention_resolutions:
           h = layers.AttnBlock(name=f"up_{i}_attn_{j}", **attn_kw)(h)
       if i > 0:
-        h = layers.Upsample(h.shape[-1], dtype=self.dtype, conv_impl=self.conv_impl,
+        h = layers.Upsample(h.shape[-1], dtype=self.dtype,
                             name=f"up_{i}_upsample")(h, skips[-1].shape[1:3])
     assert not skips
 
     h = nn.silu(layers.group_norm(self.num_groups, "norm_out")(h)).astype(self.dtype)
-    h = layers.conv(self.out_channels, zero_init=True, dtype=self.dtype,
-                    conv_impl=self.conv_impl, name="conv_out")(h)
+    h = layers.conv(self.out_channels, zero_init=True, dtype=self.dtype, name="conv_out")(h)
     return h.astype(jnp.float32)

@@ -141,7 +141,7 @@ def run(config, workdir: str, rows: Sequence[str] = ROWS) -> Dict[str, Dict[str,
     mesh = sharding.make_mesh(config)
     model, tx = ts.build_model(config), ts.make_optimizer(config)
     state, _, _ = ts.create_state(model, tx, config, mesh, jax.random.PRNGKey(config.seed))
-    variables = representation.eval_variables(state)
+    variables = state.eval_variables()
     bs = max(config.batch_size, 256)
     feats = [representation.extract_features(model, variables, a["image"], mesh, bs)
              for a in (tr, te)]

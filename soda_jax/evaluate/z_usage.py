@@ -1,0 +1,68 @@
+"""How much the decoder leans on z: denoiser x0-error with the true, shuffled and dropped latent.
+
+On a fixed held-out two-view batch (source, target of the eval split) and fixed noise, at a few
+noise levels t, the decoder's x0 estimate of the target is scored (MSE) three ways:
+  true      z of each example's own source view
+  shuffled  z of another example (rolled by one across the batch): wrong content, right marginals
+  dropped   every sub-vector masked (the unconditional model that guidance uses)
+If z carries what the target needs, true < dropped < shuffled, and the gap grows with t (at high
+noise the target is hidden and only z can say what it was). `gain` = shuffled / true: 1 means the
+decoder ignores z. Logged during training, it shows *when* the encoder starts to matter.
+"""
+from typing import Callable, Dict, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from soda_jax import config_base, diffusion
+from soda_jax.data import pipeline
+from soda_jax.models import soda
+
+DEFAULT_TS = (0.5, 0.9)
+
+
+def heldout_pair_batch(config: ml_collections.ConfigDict, num_examples: int,
+                       seed: int = 1234) -> Dict[str, np.ndarray]:
+  """num_examples two-view examples from the eval split (source, target, target_box; numpy)."""
+  cfg = config_base.override(config, {"data.split": config.data.eval_split,
+                                      "batch_size": int(num_examples)})
+  batch = next(pipeline.make_train_iterator(cfg, seed=seed, process_index=0, process_count=1))
+  return {k: batch[k] for k in ("source", "target", "target_box")}
+
+
+def make_z_usage_fn(model: soda.SODA, config: ml_collections.ConfigDict,
+                    batch: Dict[str, np.ndarray], ts: Sequence[float] = DEFAULT_TS,
+                    seed: int = 0) -> Callable[..., Dict[str, float]]:
+  """Compile once per run: returns fn(variables) -> {'z_usage/<way>_t<t>': x0-MSE, gain_t<t>}."""
+  d = config.diffusion
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  b = batch["target"].shape[0]
+  noise = jax.random.normal(jax.random.PRNGKey(seed), batch["target"].shape, jnp.float32)
+  all_keep = jnp.ones((b, model.num_subvectors), bool)
+  pose_keep = jnp.ones((b,), bool)
+
+  @jax.jit
+  def errors(variables):
+    _, z = model.apply(variables, batch["source"], method=soda.SODA.encode)
+    out = {}
+    for t_val in ts:
+      t = jnp.full((b,), t_val, jnp.float32)
+      x_t = diffusion.q_sample(batch["target"], t, noise, d.schedule)
+      for way, zz, keep in (("true", z, all_keep), ("shuffled", jnp.roll(z, 1, axis=0), all_keep),
+                            ("dropped", z, ~all_keep)):
+        pred = model.apply(variables, x_t, t, zz, keep, batch["target_box"], pose_keep,
+                           method=soda.SODA.denoise)
+        x0, _ = diffusion.to_x0_eps(pred, d.pred_type, x_t, t, d.schedule)
+        out[f"z_usage/{way}_t{t_val:g}"] = jnp.mean(jnp.square(x0 - batch["target"]))
+    return out
+
+  def fn(variables) -> Dict[str, float]:
+    out = {k: float(v) for k, v in jax.device_get(errors(variables)).items()}
+    for t_val in ts:
+      out[f"z_usage/gain_t{t_val:g}"] = (out[f"z_usage/shuffled_t{t_val:g}"]
+                                         / out[f"z_usage/true_t{t_val:g}"])
+    return out
+
+  return fn

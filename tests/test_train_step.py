@@ -1,0 +1,81 @@
+"""The train step's bookkeeping: per-part gradient norms, EMA of params *and* BatchNorm stats."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from soda_jax import config_base, sharding, train_step as ts
+from tests.test_config_checks import load_config
+
+
+def test_part_grad_norms_partition_the_global_norm():
+  grads = {"encoder": {"conv": {"kernel": jnp.full((3,), 2.0)}},
+           "head": {"kernel": jnp.ones((2, 2))},
+           "decoder": {"up_0_res_0": {"latent_proj": {"kernel": jnp.full((4,), 3.0)},
+                                      "conv_0": {"kernel": jnp.ones((5,))}}}}
+  norms = ts.part_grad_norms(grads)
+  np.testing.assert_allclose(norms["grad_norm/encoder"], np.sqrt(12.0), rtol=1e-6)
+  np.testing.assert_allclose(norms["grad_norm/head"], 2.0, rtol=1e-6)
+  np.testing.assert_allclose(norms["grad_norm/latent_proj"], 6.0, rtol=1e-6)
+  np.testing.assert_allclose(norms["grad_norm/decoder_rest"], np.sqrt(5.0), rtol=1e-6)
+  total = sum(float(v) ** 2 for v in norms.values())
+  np.testing.assert_allclose(total, float(jnp.sum(jnp.asarray(
+      [jnp.sum(g ** 2) for g in jax.tree.leaves(grads)]))), rtol=1e-6)
+  with pytest.raises(ValueError, match="'pose_net/kernel' belongs to none of"):
+    ts.part_grad_norms({"pose_net": {"kernel": jnp.ones(2)}})
+
+
+def test_ema_tracks_batch_stats_and_eval_pairs_them():
+  """BatchNorm encoder (v1.5): after a step, ema_batch_stats = d * old + (1 - d) * new, and the
+  evaluation variables pair EMA params with EMA statistics (not the online ones)."""
+  c = config_base.override(load_config("tiny"), {
+      "model.encoder.version": "v1.5", "optim.ema_decay": 0.5, "batch_size": 8})
+  mesh = sharding.make_mesh(c)
+  model, tx = ts.build_model(c), ts.make_optimizer(c)
+  state, shardings, _ = ts.create_state(model, tx, c, mesh, jax.random.PRNGKey(0))
+  assert state.batch_stats, "v1.5 encoder must have BatchNorm statistics"
+  rs = np.random.RandomState(0)
+  s = c.data.image_size
+  batch = {"source": rs.uniform(-1, 1, (8, s, s, 1)).astype(np.float32),
+           "target": rs.uniform(-1, 1, (8, s, s, 1)).astype(np.float32),
+           "target_box": np.tile(np.float32([[0, 0, 1, 1]]), (8, 1))}
+  step = ts.jit_train_step(model, tx, c, mesh, shardings)
+  old = jax.device_get(state.batch_stats)
+  new_state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)),
+                            jax.random.PRNGKey(1))
+  online = jax.device_get(new_state.batch_stats)
+  expected = jax.tree.map(lambda o, n: 0.5 * o + 0.5 * n, old, online)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+               jax.device_get(new_state.ema_batch_stats), expected)
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(old),
+                                                   jax.tree.leaves(online)))
+  ev = new_state.eval_variables()
+  assert ev["batch_stats"] is new_state.ema_batch_stats and ev["params"] is new_state.ema_params
+  assert new_state.eval_variables(use_ema=False)["batch_stats"] is new_state.batch_stats
+  for part in ("encoder", "head", "latent_proj", "decoder_rest"):
+    assert np.isfinite(float(metrics[f"grad_norm/{part}"]))
+  # Zero-initialised chain: at step 0 nothing reaches z, so encoder and head get no gradient.
+  assert float(metrics["grad_norm/encoder"]) == 0.0 == float(metrics["grad_norm/head"])
+  assert float(metrics["grad_norm/decoder_rest"]) > 0
+
+
+def test_calibrated_batch_stats_match_the_data():
+  """Re-estimated BatchNorm statistics: eval mode then reproduces train mode (batch statistics)
+  on the calibration images, which the initial (0, 1) statistics do not."""
+  from soda_jax.evaluate import representation
+  from soda_jax.models import soda
+  c = config_base.override(load_config("tiny"), {"model.encoder.version": "v1.5"})
+  model = ts.build_model(c)
+  state, _, _ = ts.create_state(model, ts.make_optimizer(c), c, sharding.make_mesh(c),
+                                jax.random.PRNGKey(0))
+  x = np.random.RandomState(0).uniform(-1, 1, (32, 16, 16, 1)).astype(np.float32) * 0.3 + 0.4
+  v0 = jax.device_get(state.eval_variables())
+  train_h = model.apply(v0, x, train=True, method=soda.SODA.encode, mutable=["batch_stats"])[0][0]
+  init_h = model.apply(v0, x, method=soda.SODA.encode)[0]
+  cal = representation.calibrate_batch_stats(model, v0, x, batch_size=32, passes=80)
+  cal_h = model.apply(cal, x, method=soda.SODA.encode)[0]
+  err = lambda a: float(jnp.max(jnp.abs(a - train_h)) / jnp.max(jnp.abs(train_h)))
+  assert err(cal_h) < 0.02 < err(init_h), (err(cal_h), err(init_h))
+  jax.tree.map(np.testing.assert_array_equal, cal["params"], v0["params"])  # weights untouched

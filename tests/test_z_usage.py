@@ -1,0 +1,30 @@
+"""z-usage probe: true / shuffled / dropped z scored on a held-out two-view batch."""
+import jax
+import numpy as np
+
+from soda_jax import config_base, sharding, train_step as ts
+from soda_jax.evaluate import z_usage
+from tests.test_config_checks import load_config
+from tests.test_models import _randomise
+
+
+def test_z_usage_is_one_at_init_and_sees_a_decoder_that_uses_z():
+  c = load_config("tiny")
+  model = ts.build_model(c)
+  state, _, _ = ts.create_state(model, ts.make_optimizer(c), c, sharding.make_mesh(c),
+                                jax.random.PRNGKey(0))
+  batch = z_usage.heldout_pair_batch(c, 8)
+  assert batch["source"].shape == (8, 16, 16, 1) and batch["target_box"].shape == (8, 4)
+  np.testing.assert_array_equal(batch["source"], z_usage.heldout_pair_batch(c, 8)["source"])
+  fn = z_usage.make_z_usage_fn(model, c, batch, ts=(0.5, 0.9))
+  # Zero-initialised latent projections: the decoder cannot see z, all three ways agree exactly.
+  init = fn(state.eval_variables())
+  for t in ("0.5", "0.9"):
+    assert init[f"z_usage/true_t{t}"] == init[f"z_usage/shuffled_t{t}"] == \
+        init[f"z_usage/dropped_t{t}"] > 0
+    assert init[f"z_usage/gain_t{t}"] == 1.0
+  # Random (non-zero) latent projections: the error depends on which z is given.
+  used = fn({"params": _randomise(jax.device_get(state.params))})
+  for t in ("0.5", "0.9"):
+    assert used[f"z_usage/true_t{t}"] != used[f"z_usage/shuffled_t{t}"]
+    assert used[f"z_usage/true_t{t}"] != used[f"z_usage/dropped_t{t}"]
