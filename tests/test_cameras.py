@@ -115,7 +115,8 @@ def test_fourier_embed_numpy_and_jax_agree():
   assert out.shape == (1, cameras.fourier_channels(3, 3)) == (1, 21)
   np.testing.assert_allclose(out[0, :3], x[0])
   np.testing.assert_allclose(out[0, 3], math.sin(math.pi * 0.25), atol=1e-6)  # sin, f0, c0
-  np.testing.assert_allclose(out[0, 3 + 9 + 4], math.cos(2 * math.pi * -1.0), atol=1e-6)  # cos f1 c1
+  # cos block, frequency 1, channel 1
+  np.testing.assert_allclose(out[0, 3 + 9 + 4], math.cos(2 * math.pi * -1.0), atol=1e-6)
   rays = cameras.ray_map(cameras.ring_cameras()[:2], cameras.intrinsics_from_fov(30, 4, 4), 4, 4)
   jitted = jax.jit(lambda r: cameras.fourier_embed(r, 4, include_input=False))(jnp.asarray(rays))
   assert isinstance(jitted, jax.Array) and jitted.shape == (2, 4, 4, 48)

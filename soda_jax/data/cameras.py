@@ -66,7 +66,7 @@ def look_at(eye: Sequence[float], target: Sequence[float] = (0.0, 0.0, 0.0),
 
 
 def invert_rigid(m: np.ndarray) -> np.ndarray:
-  """Inverse of rigid (..., 4, 4) [[R, t], [0, 1]] as [[R^T, -R^T t], [0, 1]] (no general inverse)."""
+  """Inverse of rigid (..., 4, 4) [[R, t], [0, 1]]: [[R^T, -R^T t], [0, 1]], exact and cheap."""
   m = np.asarray(m, np.float64)
   r_t = np.swapaxes(m[..., :3, :3], -1, -2)
   out = np.zeros_like(m)
@@ -82,8 +82,8 @@ def camera_centers(w2c: np.ndarray) -> np.ndarray:
 
 
 def ring_cameras(num_azimuths: int = 24, elevations_deg: Sequence[float] = (15.0, 30.0),
-                 radius: float = 2.732, target: Sequence[float] = (0.0, 0.0, 0.0),
-                 up: Sequence[float] = WORLD_UP) -> np.ndarray:
+                 radius: float = 2.732,
+                 target: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
   """(E * A, 4, 4) world-to-camera matrices on rings around `target`, all looking at it.
 
   View index = e * num_azimuths + a. Azimuth a * 360 / A degrees turns from +z towards +x about
@@ -91,15 +91,12 @@ def ring_cameras(num_azimuths: int = 24, elevations_deg: Sequence[float] = (15.0
   24 azimuths follow the NMR renderings (one ring at 30 degrees there; two rings here so that
   views differ in elevation too).
   """
-  up_v = np.asarray(up, np.float64)
-  if not np.allclose(up_v, WORLD_UP):
-    raise ValueError("ring_cameras builds rings about +y; rotate the result for another up axis")
   out = []
   for el in np.deg2rad(np.asarray(elevations_deg, np.float64)):
     for az in 2 * np.pi * np.arange(num_azimuths) / num_azimuths:
       offset = radius * np.array([math.cos(el) * math.sin(az), math.sin(el),
                                   math.cos(el) * math.cos(az)])
-      out.append(look_at(np.asarray(target, np.float64) + offset, target, up))
+      out.append(look_at(np.asarray(target, np.float64) + offset, target, WORLD_UP))
   return np.stack(out)
 
 
@@ -112,7 +109,8 @@ def intrinsics_from_fov(fov_deg: float, height: int, width: int) -> np.ndarray:
   return np.array([[fx, 0.0, width / 2.0], [0.0, fx, height / 2.0], [0.0, 0.0, 1.0]])
 
 
-def resize_intrinsics(k: np.ndarray, from_hw: Tuple[int, int], to_hw: Tuple[int, int]) -> np.ndarray:
+def resize_intrinsics(k: np.ndarray, from_hw: Tuple[int, int],
+                      to_hw: Tuple[int, int]) -> np.ndarray:
   """K of an (H, W) image -> K of the same view resized to `to_hw` (exact with edge pixels)."""
   k = np.array(k, np.float64)
   sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
