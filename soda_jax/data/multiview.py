@@ -29,8 +29,8 @@ Speed, measured (`images(i, range(48))` on 20 fresh objects, ms per view, numpy 
 range of 6 runs in two sittings): 32x32 1.0-1.5 (supersample 1), 5.1-5.6 (supersample 2, the
 default); 64x64 3.9-4.6 and 15.9-19.0. A cached view costs ~0.01-0.02 ms; `sample_example` with
 K = 3 on cached views 1.9-2.4 ms at 32x32 and 4.1-7.1 ms at 64x64. Each (object, view) is
-rendered once and kept in a bounded per-source cache. Framing: over 100 train objects at 32x32, 6.4% of views touch
-the image border; objects cover 24% of the pixels on average.
+rendered once and kept in a bounded per-source cache. Framing: over 100 train objects at
+32x32, 6.4% of views touch the image border; objects cover 24% of the pixels on average.
 """
 import collections
 import dataclasses
