@@ -128,12 +128,15 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
            "--config.log_every_steps=1000", "--config.evals.num_samples=0"]
   proc = subprocess.Popen(_main_cmd(tmp_path, *flags), cwd=ROOT, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  # Wait until training is under way (first ReportProgress / step lines), then preempt.
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    line = proc.stdout.readline()
-    if "Starting the training loop" in line or "steps/s" in line or not line:
+  # Wait until training is under way (the SIGTERM handler is installed), then preempt. No
+  # deadline on the wait itself: compiling can take many minutes on 2 shared, busy cores (a
+  # 300 s deadline once fired before the loop began, so SIGTERM killed the process outright).
+  started = False
+  for line in proc.stdout:
+    if "Starting the training loop" in line or "steps/s" in line:
+      started = True
       break
+  assert started, "the process exited before its training loop started"
   time.sleep(3)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
