@@ -3,13 +3,17 @@
 # across all hosts after jax.distributed.initialize() (enabled by SODA_DISTRIBUTED=1).
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://my-bucket/soda_r50 \
-#   TFDS_DIR=gs://my-bucket/tfds bash launch/tpu_pod.sh configs/imagenet.py [--config.x=y ...]
+#   TFDS_DIR=gs://my-bucket/tfds bash launch/tpu_pod.sh [--dry_run] configs/imagenet.py \
+#       [--config.x=y ...]
 set -euo pipefail
+DRY_RUN=0
+if [[ "${1:-}" == "--dry_run" ]]; then DRY_RUN=1; shift; fi  # print the commands, run nothing
+run() { if ((DRY_RUN)); then printf '%q ' "$@"; echo; else "$@"; fi; }
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}" "${TFDS_DIR:?set TFDS_DIR}"
 CONFIG=${1:?config file}; shift
 REPO=${REPO:?set REPO to the git URL of this repository}
 EXTRA="$*"
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
+run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   set -e
   test -d soda_jax || git clone $REPO soda_jax
   cd soda_jax && git pull -q

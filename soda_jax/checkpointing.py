@@ -4,36 +4,108 @@ A checkpoint directory `workdir/checkpoints/<step>/` holds three items:
   state/   the TrainState pytree (sharded arrays, restored straight into their shardings)
   data/    the grain iterator position, one JSON per process
   config/  the config as JSON, so a run can be inspected or re-created from the checkpoint alone
-Orbax writes each step to a temporary directory and renames it when complete, so the newest
-*complete* checkpoint is what `latest_step` returns after a crash or preemption.
+Orbax writes each step to a temporary directory and renames it when complete, so an interrupted
+save never shows up as a step. A *complete* step can still be damaged afterwards (a truncated,
+deleted or overwritten file): `restore_latest` then falls back to the newest intact step, with a
+warning naming the damaged one; `restore` of an explicitly requested step raises
+`DamagedCheckpointError` instead. Before reading any array, the saved config and the stored
+array shapes are compared with this run's: a checkpoint written by another model config fails
+with `ConfigMismatchError` naming the keys that differ.
 """
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "config")
+# Config keys that decide the state's structure or meaning: a difference in any of them makes a
+# checkpoint unusable even where the array shapes happen to agree.
+STATE_KEYS = ("model.", "data.channels")
+
+
+class CheckpointError(Exception):
+  """A checkpoint cannot be used; the message says which and why (no traceback needed)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  pass
+
+
+class ConfigMismatchError(CheckpointError):
+  pass
+
+
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Handlers per item, so metadata can be read before any save/restore in this process."""
+  reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for item, save, restore in (("state", ocp.args.StandardSave, ocp.args.StandardRestore),
+                              ("config", ocp.args.JsonSave, ocp.args.JsonRestore),
+                              ("data", grain.checkpoint.CheckpointSave,
+                               grain.checkpoint.CheckpointRestore)):
+    reg.add(item, save)
+    reg.add(item, restore)
+  return reg
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix[:-1]: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}{k}."))
+  return out
+
+
+def config_diff(saved: dict, config: ml_collections.ConfigDict) -> Dict[str, Tuple[Any, Any]]:
+  """{key: (value in the checkpoint, value now)} for every key whose JSON value differs."""
+  now = _flatten(json.loads(json.dumps(config.to_dict())))
+  old = _flatten(saved)
+  return {k: (old.get(k, "<absent>"), now.get(k, "<absent>"))
+          for k in sorted(set(old) | set(now)) if old.get(k, "<absent>") != now.get(k, "<absent>")}
+
+
+def _shape_mismatches(stored: Any, abstract: Any) -> List[str]:
+  """Paths whose stored shape differs from the target's (or that only one side has)."""
+  def name(path):  # Orbax stores dataclasses/namedtuples as dicts: compare plain key names
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+  def table(tree):
+    return {name(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree) if hasattr(x, "shape")}
+  old, new = table(stored), table(abstract)
+  return [f"{p}: stored {old.get(p, 'absent')}, expected {new.get(p, 'absent')}"
+          for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)]
+
+
+def _all_ok(ok: bool) -> bool:
+  """True only if `ok` on every process (each reads its own shards, so damage can be local)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager`, always used with the `args=` API."""
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
-        item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
+            enable_async_checkpointing=async_save),
+        handler_registry=_registry())
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
-
-  def all_steps(self):
-    return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_iter: Any,
            config: ml_collections.ConfigDict) -> bool:
@@ -44,36 +116,96 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-  def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step once any process got a preemption notice (SIGTERM).
+
+    Multi-process runs only (JAX's preemption sync service); False in a single process.
+    """
+    return self._manager.reached_preemption(step)
+
+  def _where(self, step: int) -> str:
+    return f"Checkpoint step {step} in {self.directory}"
+
+  def check_compatible(self, step: int, abstract_state: Any,
+                       config: Optional[ml_collections.ConfigDict]) -> None:
+    """Raise ConfigMismatchError if `step` was written by another model config or shapes."""
+    try:
+      saved = self._manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+      stored = self._manager.item_metadata(step)["state"]
+      stored = getattr(stored, "tree", stored)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpointError(
+          f"{self._where(step)} is damaged ({type(e).__name__}: {_first_line(e)})") from e
+    diff = config_diff(saved, config) if config is not None else {}
+    key_diff = {k: v for k, v in diff.items() if k.startswith(STATE_KEYS)}
+    shapes = _shape_mismatches(stored, abstract_state)
+    if key_diff or shapes:
+      lines = [f"config.{k}: checkpoint has {a!r}, this run has {b!r}"
+               for k, (a, b) in (key_diff or diff).items()]
+      if shapes:
+        lines.append(f"{len(shapes)} arrays differ in shape, e.g. " + "; ".join(shapes[:3]))
+      raise ConfigMismatchError(
+          f"{self._where(step)} was written with a different config:\n  " + "\n  ".join(lines)
+          + "\nUse another --workdir, or the checkpoint's values for these keys.")
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any = None,
+              config: Optional[ml_collections.ConfigDict] = None) -> Any:
     """Restore `step` into `abstract_state`'s shapes/dtypes/shardings; `data_iter` in place.
 
-    abstract_state: a pytree of `jax.ShapeDtypeStruct` with `.sharding` set, so every array is
-    read straight into its final sharding (no host round trip of the full state).
+    abstract_state: a pytree of `jax.ShapeDtypeStruct` with `.sharding` set (see
+    `train_step.abstract_state`), so every array is read straight into its final sharding and
+    no initialised copy of the state ever exists. Raises ConfigMismatchError /
+    DamagedCheckpointError (one line) instead of Orbax's or TensorStore's errors.
     """
+    if step not in self._manager.all_steps():
+      raise CheckpointError(f"{self._where(step)} does not exist (steps: "
+                            f"{sorted(self._manager.all_steps())})")
+    self.check_compatible(step, abstract_state, config)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-    return restored["state"]
+    error = None
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
+      jax.block_until_ready(restored)
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore/Orbax/JSON errors)
+      error = e
+    if not _all_ok(error is None):
+      detail = (f"{type(error).__name__}: {_first_line(error)}" if error is not None
+                else "unreadable on another process")
+      raise DamagedCheckpointError(f"{self._where(step)} is damaged ({detail})") from error
+    return restored
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any = None,
+                     config: Optional[ml_collections.ConfigDict] = None
+                     ) -> Tuple[Optional[int], Any]:
+    """(step, state) of the newest intact checkpoint, or (None, None) if there is none.
+
+    Damaged steps are skipped with a warning naming them; a config mismatch is raised (an older
+    step of the same workdir would not match either).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        return step, self.restore(step, abstract_state, data_iter, config)
+      except DamagedCheckpointError as e:
+        logging.warning("%s; falling back to an older checkpoint.", e)
+    if steps:
+      raise DamagedCheckpointError(f"Every checkpoint in {self.directory} is damaged (steps "
+                                   f"{sorted(steps)}); move them away to start afresh.")
+    return None, None
 
   def restore_raw(self, step: int) -> Any:
     """The saved state as host numpy arrays, without a target (inspection, comparisons)."""
     return self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
 
-  def restore_config(self, step: int) -> dict:
-    return self._manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
-  def wait(self):
-    """Block until async saves are on disk (before exit, and in tests)."""
-    self._manager.wait_until_finished()
-
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
 
 
-def abstract_with_shardings(state: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else ""

@@ -14,6 +14,24 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
 
 
+class ConfigError(ValueError):
+  """An invalid config; the message lists every problem (entry points print it, no traceback)."""
+
+
+def non_finite_errors(config: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
+  """Every float in the config (also inside tuples) must be finite: nan/inf never make sense."""
+  errs = []
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      errs += non_finite_errors(value, name + ".")
+      continue
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+      errs.append(f"config.{name}={value!r} is not finite")
+  return errs
+
+
 def _one_of(errs, key, value, allowed):
   if value not in allowed:
     errs.append(f"config.{key}={value!r} is not one of {tuple(allowed)}")
@@ -164,10 +182,11 @@ def training_errors(config: ml_collections.ConfigDict, num_devices: int,
 
 def check(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
           process_count: int = 1) -> None:
-  """Raise one ValueError listing every problem; `num_devices=None` skips the training checks."""
-  errs = model_errors(config.model, config.data.image_size if "data" in config else None)
+  """Raise one ConfigError listing every problem; `num_devices=None` skips the training checks."""
+  errs = non_finite_errors(config)
+  errs += model_errors(config.model, config.data.image_size if "data" in config else None)
   errs += diffusion_errors(config.diffusion)
   if num_devices is not None:
     errs += training_errors(config, num_devices, process_count)
   if errs:
-    raise ValueError("Invalid config:\n  " + "\n  ".join(errs))
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(errs))

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -18,16 +18,31 @@ from soda_jax.evaluate import generate, representation, z_usage
 
 
 class _Preemption:
-  """SIGTERM -> finish the current step, save a checkpoint, return normally (exit code 0)."""
+  """SIGTERM -> finish the current step, save a checkpoint, return normally (exit code 0).
 
-  def __init__(self):
+  One process: a Python SIGTERM handler sets a flag. Several processes: JAX's preemption sync
+  service (started by `jax.distributed.initialize`) catches SIGTERM on whichever process gets
+  it, and `ckpt.reached_preemption(step)` turns True on *every* process at the same step, so
+  all save that step and stop together. (A Python handler there would replace JAX's.)
+  """
+
+  def __init__(self, ckpt: checkpointing.Checkpointer):
     self.requested = False
+    self._ckpt = ckpt
+    self._multi = jax.process_count() > 1
     self._old = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self._multi and threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
+
+  def check(self, step: int) -> bool:
+    """Whether to stop after `step`; call once per step on every process."""
+    if self._multi and not self.requested and self._ckpt.reached_preemption(step):
+      logging.warning("Preemption agreed by all processes at step %d.", step)
+      self.requested = True
+    return self.requested
 
   def _handle(self, signum, frame):
     del frame
@@ -59,12 +74,14 @@ def _sample_grid(config, model, state, eval_source, rng, step, workdir, writer):
   """Reconstructions of held-out source views (EMA params): TensorBoard + PNG in workdir."""
   variables = state.eval_variables()
   recon = generate.generate(model, variables, eval_source, rng, config.diffusion)
-  grid = generate.image_grid([eval_source, recon])
+  # Global arrays may span processes: gather to host numpy (same on every process).
+  source, recon = (multihost_utils.process_allgather(x, tiled=True) for x in (eval_source, recon))
+  grid = generate.image_grid([source, recon])
   if jax.process_index() == 0:
     path = generate.save_png(grid, os.path.join(workdir, "samples", f"recon_{step:07d}.png"))
     logging.info("Wrote %s", path)
   writer.write_images(step, {"reconstructions": grid[None]})
-  return np.asarray(recon)
+  return recon
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -93,14 +110,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.evals.num_samples > 0:
     eval_arrays = pipeline.make_eval_arrays(config, config.data.eval_split,
                                             config.evals.num_samples)
-    eval_source = jnp.asarray(eval_arrays["image"])
+    # Every process decoded the same few images: one replicated global array over the mesh.
+    eval_source = jax.make_array_from_process_local_data(sharding.replicated(mesh),
+                                                         eval_arrays["image"])
 
   # ---------------------------------------------------------------- model + sharded state
   model = ts.build_model(config)
   tx = ts.make_optimizer(config)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
-  state, state_shardings, num_replicated = ts.create_state(model, tx, config, mesh, init_rng)
+  abstract, state_shardings, num_replicated = ts.abstract_state(model, tx, config, mesh,
+                                                                init_rng)
+  logging.info("%d param/opt leaves kept replicated (a dim not divisible by its mesh axes).",
+               num_replicated)
+
+  # ---------------------------------------------------------------- restore or init
+  # Restore reads straight into the abstract, sharded target: no initialised copy is built
+  # first. Damaged newest steps are skipped (warning); another config's checkpoint fails.
+  ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                    async_save=config.async_checkpointing)
+  start_step, state = ckpt.restore_latest(abstract, train_iter, config)
+  if state is None:
+    start_step = 0
+    state, _, _ = ts.create_state(model, tx, config, mesh, init_rng)
+  else:
+    logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
   if jax.process_index() == 0:
     parameter_overview.log_parameter_overview(state.params)
   z_usage_fn = None
@@ -115,20 +149,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in sorted(scalars.items())))
     return scalars
 
-  logging.info("%d param/opt leaves kept replicated (a dim not divisible by its mesh axes).",
-               num_replicated)
-
-  # ---------------------------------------------------------------- restore
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
-                                    async_save=config.async_checkpointing)
-  start_step = 0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    abstract = checkpointing.abstract_with_shardings(state, state_shardings)
-    state = ckpt.restore(latest, abstract, train_iter)
-    start_step = int(state.step)
-    logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
-
   # ---------------------------------------------------------------- update fn
   step_fn = ts.jit_train_step(model, tx, config, mesh, state_shardings)
 
@@ -139,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step = start_step
   until = config.num_train_steps if stop_after is None else min(stop_after, config.num_train_steps)
   logging.info("Starting the training loop at step %d of %d.", step, config.num_train_steps)
-  with _Preemption() as preemption:
+  with _Preemption(ckpt) as preemption:
     while step < until:
       batch = pipeline.to_global_batch(next(train_iter), mesh)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -149,7 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       report(step, time.time())
 
       last = step == until
-      if step % config.log_every_steps == 0 or last or preemption.requested:
+      stop = preemption.check(step)  # once per step: the same answer for every use below
+      if step % config.log_every_steps == 0 or last or stop:
         host = jax.device_get(pending)
         summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         summary["skipped_records"] = float(pipeline.skipped_records(train_iter))
@@ -159,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if not np.isfinite(summary["loss"]):
           raise FloatingPointError(f"loss is {summary['loss']} at step {step}")
 
-      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+      if step % config.checkpoint_every_steps == 0 or last or stop:
         ckpt.save(step, state, train_iter, config)
 
       every = config.evals.samples_every_steps
@@ -172,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if every > 0 and step % every == 0 and not last:
         writer.write_scalars(step, representation.evaluate(config, model, state, mesh))
 
-      if preemption.requested:
+      if stop:
         logging.warning("Stopping at step %d after preemption (checkpoint saved).", step)
         break
 

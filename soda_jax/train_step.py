@@ -108,13 +108,25 @@ def _init_boxed(model, tx, config, rng):
                     opt_state=tx.init(params), ema_params=params, ema_batch_stats=stats)
 
 
+def abstract_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
+  """The state as `jax.ShapeDtypeStruct`s with their shardings (no array is allocated).
+
+  Returns (abstract state, state_shardings, number of leaves replicated because a dim was not
+  divisible): the restore target, so a resumed run never holds an initialised copy as well.
+  """
+  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx, config), rng)
+  shardings, num_replicated = sharding.logical_shardings(boxed, mesh, config.sharding_rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings, num_replicated
+
+
 def create_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
   """Params created already sharded: `jit(init, out_shardings=...)`.
 
   Returns (state, state_shardings, number of leaves replicated because a dim was not divisible).
   """
-  abstract = jax.eval_shape(functools.partial(_init_boxed, model, tx, config), rng)
-  shardings, num_replicated = sharding.logical_shardings(abstract, mesh, config.sharding_rules)
+  _, shardings, num_replicated = abstract_state(model, tx, config, mesh, rng)
   init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, config, r)),
                  out_shardings=shardings)
   return init(rng), shardings, num_replicated

@@ -73,3 +73,26 @@ def test_parse_arg():
   assert a.steps == 10 and a.runlocal is True and a.arch == "soda"
   with pytest.raises(ValueError, match="'stepz'"):
     config_base.parse_arg("stepz=1", steps=5)
+
+
+@pytest.mark.parametrize("key,value", [("optim.lr", float("nan")), ("optim.weight_decay", float("inf")),
+                                       ("data.crop_scale", (0.2, float("-inf")))])
+def test_non_finite_numbers_are_rejected(key, value):
+  c = config_base.override(load_config("tiny"), {key: value})
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.check(c)
+  assert f"config.{key}={value!r} is not finite" in str(e.value)
+
+
+def test_main_prints_config_errors_without_traceback(tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  p = subprocess.run([sys.executable, "-m", "soda_jax.main", "--config=configs/tiny.py",
+                      f"--workdir={tmp_path}", "--config.optim.lr=nan",
+                      "--config.optim.grad_clip=inf"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode != 0
+  assert "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert "Error: Invalid config:" in p.stderr
+  assert "config.optim.lr=nan is not finite" in p.stderr
+  assert "config.optim.grad_clip=inf is not finite" in p.stderr

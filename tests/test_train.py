@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -130,15 +131,21 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
            "--config.log_every_steps=1000", "--config.evals.num_samples=0"]
   proc = subprocess.Popen(_main_cmd(tmp_path, *flags), cwd=ROOT, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  # Wait until training is under way (first ReportProgress / step lines), then preempt.
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    line = proc.stdout.readline()
-    if "Starting the training loop" in line or "steps/s" in line or not line:
+  # Wait until training is under way (the SIGTERM handler is installed), then preempt. Only a
+  # watchdog bounds the wait: compiling can take many minutes on 2 shared, busy cores (a 300 s
+  # deadline once fired before the loop began, so SIGTERM killed the process outright).
+  watchdog = threading.Timer(1800, proc.kill)
+  watchdog.start()
+  started = False
+  for line in proc.stdout:
+    if "Starting the training loop" in line or "steps/s" in line:
+      started = True
       break
+  assert started, "the process exited before its training loop started"
   time.sleep(3)
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
+  out, _ = proc.communicate(timeout=600)
+  watchdog.cancel()
   assert proc.returncode == 0, out[-3000:]
   steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000, steps

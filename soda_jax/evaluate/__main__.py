@@ -1,13 +1,18 @@
 """Evaluate a workdir's newest checkpoint: linear probe + k-NN on h and z, reconstruction PSNR.
 
 python -m soda_jax.evaluate --config=configs/demo.py --workdir=/tmp/soda_demo [--step=N]
+
+Without --step the newest *intact* checkpoint is used (damaged ones are skipped with a warning);
+an explicit --step that is damaged, missing or from another config is a one-message error.
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir with checkpoints/.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest intact).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -17,16 +22,21 @@ def main(argv):
   from soda_jax import checkpointing, config_checks, sharding, train_step as ts  # pylint: disable=g-import-not-at-top
   from soda_jax.evaluate import representation  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  config_checks.check(config, jax.device_count(), jax.process_count())
-  mesh = sharding.make_mesh(config)
-  model, tx = ts.build_model(config), ts.make_optimizer(config)
-  state, shardings, _ = ts.create_state(model, tx, config, mesh, jax.random.PRNGKey(0))
-  ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
-  step = _STEP.value if _STEP.value is not None else ckpt.latest_step()
-  if step is None:
-    raise app.UsageError(f"No checkpoint in {ckpt.directory}")
-  state = ckpt.restore(step, checkpointing.abstract_with_shardings(state, shardings))
-  ckpt.close()
+  try:
+    config_checks.check(config, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(config)
+    model, tx = ts.build_model(config), ts.make_optimizer(config)
+    abstract, _, _ = ts.abstract_state(model, tx, config, mesh, jax.random.PRNGKey(0))
+    ckpt = checkpointing.Checkpointer(_WORKDIR.value, async_save=False)
+    if _STEP.value is not None:
+      step, state = _STEP.value, ckpt.restore(_STEP.value, abstract, config=config)
+    else:
+      step, state = ckpt.restore_latest(abstract, config=config)
+    ckpt.close()
+  except (config_checks.ConfigError, checkpointing.CheckpointError) as e:
+    sys.exit(f"Error: {e}")
+  if state is None:
+    sys.exit(f"Error: no checkpoint in {ckpt.directory}")
   results = representation.evaluate(config, model, state, mesh)
   print(f"Checkpoint step {step} ({config.data.name}):\n" + representation.format_table(results))
 

@@ -105,7 +105,8 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, state, mesh,
   test_f = extract_features(model, variables, test["image"], mesh, bs)
   out = probe_features(train_f, train["label"], test_f, test["label"], num_classes)
   if recon_examples:
-    src = jnp.asarray(test["image"][:recon_examples])
+    # Same images on every process -> one replicated global array (works across processes).
+    src = jax.device_put(test["image"][:recon_examples], sharding.replicated(mesh))
     recon = generate.generate(model, variables, src,
                               jax.random.PRNGKey(0) if rng is None else rng, config.diffusion)
     out["recon_psnr"] = float(jnp.mean(metrics.psnr(recon, src, data_range=2.0)))

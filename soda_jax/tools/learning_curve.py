@@ -23,13 +23,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 import numpy as np
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).",
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Root: one sub-directory per seed + results.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
-_EVAL_STEPS = flags.DEFINE_list("eval_steps", None,
-                                "Steps to evaluate at (default: 0, half, end of the schedule).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 METRICS = ("probe_top1_h", "probe_top1_z", "knn_top1_h", "knn_top1_z", "recon_psnr",
            "recon_ssim")
@@ -188,14 +181,27 @@ def plot(results: Dict[str, Any], path: str) -> str:
   return path
 
 
+def _define_flags():
+  """CLI flags, defined only when run as a program (tests import several tools at once)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).",
+                                  lock_config=False)
+  flags.DEFINE_string("workdir", None, "Root: one sub-directory per seed + results.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+  flags.DEFINE_list("eval_steps", None,
+                    "Steps to evaluate at (default: 0, half, end of the schedule).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv):
   del argv
-  config = _CONFIG.value
-  steps = ([int(s) for s in _EVAL_STEPS.value] if _EVAL_STEPS.value
+  f = flags.FLAGS
+  config = f.config
+  steps = ([int(s) for s in f.eval_steps] if f.eval_steps
            else [0, config.num_train_steps // 2, config.num_train_steps])
-  results = run(config, _WORKDIR.value, [int(s) for s in _SEEDS.value], steps)
+  results = run(config, f.workdir, [int(s) for s in f.seeds], steps)
   print(format_table(results))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -1,0 +1,117 @@
+"""Checkpoints that cannot be used fail with a message, not a TensorStore traceback:
+damaged newest step -> the newest intact one; another config -> the keys that differ."""
+import glob
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from soda_jax import checkpointing, config_base, train, train_step as ts
+from soda_jax.data import pipeline
+from tests.test_config_checks import ROOT, load_config
+
+
+def _tiny(**overrides):
+  return config_base.override(load_config("tiny"), {
+      "num_train_steps": 4, "checkpoint_every_steps": 2, "log_every_steps": 2,
+      "evals.num_samples": 0, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir with checkpoints at steps 2 and 4 (one run, shared by the tests below)."""
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(_tiny(), str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  return workdir
+
+
+def _abstract(config):
+  model, tx = ts.build_model(config), ts.make_optimizer(config)
+  from soda_jax import sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(config)
+  return ts.abstract_state(model, tx, config, mesh, jax.random.PRNGKey(0))[0]
+
+
+def _damage(step_dir, how):
+  files = sorted(f for f in glob.glob(str(step_dir / "state" / "**" / "d" / "*"), recursive=True)
+                 if os.path.getsize(f) > 1000)
+  assert files
+  rng = np.random.default_rng(0)
+  for f in files:
+    size = os.path.getsize(f)
+    if how == "truncate":
+      os.truncate(f, size // 2)
+    elif how == "delete":
+      os.remove(f)
+    elif how == "garble":
+      with open(f, "r+b") as fh:
+        fh.seek(size // 4)
+        fh.write(rng.integers(0, 256, size // 2, dtype=np.uint8).tobytes())
+  if how == "config":
+    with open(step_dir / "config" / "metadata", "w") as fh:
+      fh.write('{"model": {"latent_dim": ')
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete", "garble", "config"])
+def test_damaged_newest_checkpoint_falls_back_to_intact_one(trained, tmp_path, how, caplog):
+  workdir = tmp_path / "w"
+  shutil.copytree(trained, workdir)
+  _damage(workdir / "checkpoints" / "4", how)
+  config = _tiny()
+  abstract = _abstract(config)
+  ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
+  expected = ckpt.restore_raw(2)["params"]
+  data_iter = pipeline.make_train_iterator(config, seed=config.seed)
+  with caplog.at_level(logging.WARNING):
+    step, state = ckpt.restore_latest(abstract, data_iter, config)
+  assert step == 2 and int(state.step) == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), expected)
+  assert any("Checkpoint step 4 in" in r.getMessage() and "is damaged" in r.getMessage()
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  # Asked for explicitly, the damaged step is a one-line error naming it.
+  with pytest.raises(checkpointing.DamagedCheckpointError) as e:
+    ckpt.restore(4, abstract, config=config)
+  assert str(e.value).startswith(f"Checkpoint step 4 in {workdir}/checkpoints is damaged")
+  assert "\n" not in str(e.value)
+  ckpt.close()
+
+
+def test_checkpoint_from_another_config_names_the_keys(trained):
+  config = _tiny(**{"model.latent_dim": 11})
+  ckpt = checkpointing.Checkpointer(str(trained), async_save=False)
+  with pytest.raises(checkpointing.ConfigMismatchError) as e:
+    ckpt.restore_latest(_abstract(config), None, config)
+  ckpt.close()
+  msg = str(e.value)
+  assert "Checkpoint step 4 in" in msg
+  assert "config.model.latent_dim: checkpoint has 24, this run has 11" in msg
+  assert "arrays differ in shape" in msg
+  assert "num_train_steps" not in msg  # harmless differences are not listed
+
+
+def _run(module, *flags):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", module, "--config=configs/tiny.py", *flags],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_errors_are_one_message_without_traceback(trained, tmp_path):
+  """evaluate --step=4 of a damaged step; main on another config's checkpoint."""
+  workdir = tmp_path / "w"
+  shutil.copytree(trained, workdir)
+  _damage(workdir / "checkpoints" / "4", "truncate")
+  p = _run("soda_jax.evaluate", f"--workdir={workdir}", "--step=4")
+  assert p.returncode != 0
+  assert "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert f"Error: Checkpoint step 4 in {workdir}/checkpoints is damaged" in p.stderr
+  p = _run("soda_jax.main", f"--workdir={trained}", "--config.model.latent_dim=11")
+  assert p.returncode != 0
+  assert "Traceback" not in p.stderr, p.stderr[-3000:]
+  assert "config.model.latent_dim: checkpoint has 24, this run has 11" in p.stderr

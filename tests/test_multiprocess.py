@@ -1,0 +1,160 @@
+"""Multi-host for real, on one machine: 2 processes x 4 CPU devices = one (2, 4) mesh, gloo
+collectives, each process reading its own share of the data (launch/local_multiprocess.sh).
+
+One test runs the four scenarios in sequence so they share the persistent compilation cache:
+(a) a straight run; (b) both processes SIGKILLed after a checkpoint, restarted: params bitwise
+equal to (a); (c) SIGTERM to ONE process: both save the same step, exit 0, a restart resumes
+there; (d) the end-of-run sample grid works across processes and only process 0 writes it.
+Every wait has a timeout, and the process group is killed on the way out.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from soda_jax import checkpointing
+from tests.test_config_checks import ROOT
+
+LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+TIMEOUT = int(os.environ.get("SODA_MP_TIMEOUT", "900"))  # per launch; 2 busy cores are slow
+COMMON = ["--config.mesh.shape=(2,4)", "--config.checkpoint_every_steps=2",
+          "--config.log_every_steps=2", "--config.async_checkpointing=False",
+          f"--config.compilation_cache_dir={os.path.join(ROOT, '.jax_cache')}"]
+
+
+class _Launch:
+  """launch/local_multiprocess.sh 2 ... in its own process group; pids of both processes."""
+
+  def __init__(self, workdir, name, *flags):
+    self.logs = workdir / f"logs_{name}"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(PYTHON=sys.executable, PYTHONPATH=ROOT, SODA_LOG_DIR=str(self.logs))
+    self.proc = subprocess.Popen(
+        ["bash", LAUNCH, "2", "configs/tiny.py", f"--workdir={workdir}", *COMMON, *flags],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    self.pids = [int(self.proc.stdout.readline().split()[-1]) for _ in range(2)]
+
+  def log(self, i):
+    path = self.logs / f"process_{i}.log"
+    return path.read_text() if path.exists() else ""
+
+  def wait(self, timeout=TIMEOUT):
+    try:
+      return self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise AssertionError(f"timed out; logs:\n{self.log(0)[-3000:]}\n{self.log(1)[-3000:]}")
+
+  def kill(self):
+    try:
+      os.killpg(self.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    self.proc.wait(timeout=60)
+
+  def wait_until(self, predicate, what):
+    deadline = time.time() + TIMEOUT
+    while not predicate():
+      if self.proc.poll() is not None or time.time() > deadline:
+        self.kill()
+        raise AssertionError(f"never saw {what}; logs:\n{self.log(0)[-3000:]}")
+      time.sleep(0.2)
+
+
+def _steps(workdir):
+  d = workdir / "checkpoints"
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if d.exists() else []
+
+
+def _params(workdir, step):
+  ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
+  params = jax.device_get(ckpt.restore_raw(step)["params"])
+  ckpt.close()
+  return params
+
+
+@pytest.mark.slow
+def test_two_processes_straight_kill_resume_sigterm_and_samples(tmp_path):
+  steps = ["--config.num_train_steps=6"]
+
+  # (a) + (d): straight run with an end-of-run sample grid.
+  a = tmp_path / "a"
+  run = _Launch(a, "a", *steps, "--config.evals.num_samples=4")
+  assert run.wait() == 0, run.log(0)[-3000:] + run.log(1)[-3000:]
+  assert _steps(a) == [2, 4, 6]
+  assert os.listdir(a / "samples") == ["recon_0000006.png"]
+  assert "Wrote " in run.log(0) and "Wrote " not in run.log(1)
+  assert "process 1/2" in run.log(1) and "Mesh {'data': 2, 'fsdp': 4}" in run.log(0)
+  assert len([f for f in os.listdir(a) if f.startswith("events.out")]) == 1  # process 0 only
+
+  # (b): both SIGKILLed once a checkpoint is on disk, then restarted -> bitwise equal to (a).
+  b = tmp_path / "b"
+  run = _Launch(b, "b1", *steps, "--config.evals.num_samples=0")
+  run.wait_until(lambda: _steps(b), "a checkpoint")
+  for pid in run.pids:
+    os.kill(pid, signal.SIGKILL)
+  run.wait()
+  killed_at = max(_steps(b))
+  assert killed_at < 6, _steps(b)
+  run = _Launch(b, "b2", *steps, "--config.evals.num_samples=0")
+  assert run.wait() == 0, run.log(0)[-3000:]
+  assert f"Resumed from step {killed_at}" in run.log(0)
+  jax.tree.map(np.testing.assert_array_equal, _params(a, 6), _params(b, 6))
+
+  # (c): SIGTERM to process 1 only -> both stop at the same step, save it, exit 0.
+  c = tmp_path / "c"
+  long = ["--config.num_train_steps=100000", "--config.checkpoint_every_steps=100000",
+          "--config.log_every_steps=1000", "--config.evals.num_samples=0"]
+  run = _Launch(c, "c1", *long)
+  run.wait_until(lambda: "Starting the training loop" in run.log(0)
+                 and "Starting the training loop" in run.log(1), "the training loop")
+  time.sleep(2)
+  os.kill(run.pids[1], signal.SIGTERM)
+  assert run.wait() == 0, run.log(0)[-3000:] + run.log(1)[-3000:]
+  (stopped,) = _steps(c)
+  for i in (0, 1):
+    assert f"Preemption agreed by all processes at step {stopped}" in run.log(i), run.log(i)
+    assert f"Stopping at step {stopped}" in run.log(i)
+  run = _Launch(c, "c2", *long[1:], f"--config.num_train_steps={stopped + 1}")
+  assert run.wait() == 0, run.log(0)[-3000:]
+  assert f"Resumed from step {stopped}" in run.log(0) and f"Resumed from step {stopped}" in run.log(1)
+  assert _steps(c) == [stopped, stopped + 1]
+
+
+@pytest.mark.parametrize("script,env,args,expected", [
+    ("local_multiprocess.sh", {"SODA_COORDINATOR_PORT": "1234", "PYTHON": "python"},
+     ["--dry_run", "2", "configs/tiny.py", "--workdir=/w"],
+     [["env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m "
+       "soda_jax.main --config=configs/tiny.py --coordinator_address=127.0.0.1:1234 "
+       "--num_processes=2 --process_id=0 --workdir=/w"],
+      ["--coordinator_address=127.0.0.1:1234 --num_processes=2 --process_id=1 --workdir=/w"]]),
+    ("single_gpu.sh", {}, ["--dry_run", "configs/cifar10.py", "/w", "--config.batch_size=8"],
+     [["python -m soda_jax.main --config=configs/cifar10.py --workdir=/w --config.batch_size=8"]]),
+    ("gpu_slurm.sh", {}, ["--dry_run", "configs/imagenet.py", "/w", "/tfds", "--config.seed=1"],
+     [["export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"],
+      ["srun python -m soda_jax.main --config=configs/imagenet.py --workdir=/w --distributed "
+       "--config.data.tfds_data_dir=/tfds --config.seed=1"]]),
+    ("tpu_pod.sh", {"TPU_NAME": "pod", "ZONE": "z", "WORKDIR": "gs://b/w", "TFDS_DIR": "gs://b/t",
+                    "REPO": "https://example.com/soda.git"},
+     ["--dry_run", "configs/imagenet.py", "--config.seed=1"],
+     [["gcloud compute tpus tpu-vm ssh pod --zone z --worker=all --command",
+       "git clone https://example.com/soda.git soda_jax",
+       "SODA_DISTRIBUTED=1 python -m soda_jax.main --config=configs/imagenet.py "
+       "--workdir=gs://b/w", "--config.data.tfds_data_dir=gs://b/t --config.seed=1"]]),
+])
+def test_launcher_dry_run_prints_commands(script, env, args, expected):
+  """Each launcher's --dry_run prints exactly the commands it would run (one per line)."""
+  env = dict({k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"},
+             **env)
+  out = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60,
+                       check=True).stdout.strip().splitlines()
+  assert len(out) == len(expected), out
+  for line, parts in zip(out, expected):
+    for part in parts:
+      assert part in line, (part, line)
