@@ -7,8 +7,9 @@ Why this route: tf2onnx converts TensorFlow graphs op by op, but our SavedModel 
 XlaCallModule op (jax2tf's only mode in the pinned jax), which tf2onnx has no handler for;
 jax2onnx (direct from JAX) requires orbax-checkpoint<0.11.37, below the project's pin. torch's
 exporter (the dynamo-based one, which needs onnxscript) reads torchvision's module, whose parity
-with soda_jax the tests prove. It needs torch, torchvision, onnx and onnxscript installed
-(requirements-test.txt); without them `--to=onnx` fails with a message saying so.
+with soda_jax the tests prove; it runs in its own process (see `torchvision.run_torch`). It
+needs torch, torchvision, onnx and onnxscript installed (requirements-test.txt); without them
+`--to=onnx` fails with a message saying so.
 """
 import os
 from typing import Any, Mapping
@@ -33,26 +34,12 @@ def missing_dependencies() -> str:
 
 def save(out_dir: str, variables: Mapping[str, Any], config: ml_collections.ConfigDict, *,
          step: int, online: bool = False) -> str:
-  import torch  # pylint: disable=g-import-not-at-top
-
+  """encoder.onnx (and the torchvision file it is made from) under `out_dir`."""
   os.makedirs(out_dir, exist_ok=True)
   tv_path = os.path.join(out_dir, tv.FILENAME)
   if not os.path.exists(tv_path):
     tv.save(tv_path, variables, config, step=step, online=online)
-  resnet = tv.load_resnet(tv_path)
-
-  class Features(torch.nn.Module):
-    def __init__(self, net):
-      super().__init__()
-      self.net = net
-
-    def forward(self, images):
-      return tv.features(self.net, images)
-
-  s, c = config.data.image_size, config.data.channels
-  example = torch.zeros(2, c, s, s)
   path = os.path.join(out_dir, FILENAME)
-  torch.onnx.export(Features(resnet).eval(), (example,), path, input_names=["images"],
-                    output_names=["h", "z"], dynamic_shapes=({0: torch.export.Dim("b")},),
-                    dynamo=True, verbose=False)
+  s, c = config.data.image_size, config.data.channels
+  tv.run_torch("onnx", tv_path, path, str(s), str(s), str(c))
   return path

@@ -15,7 +15,7 @@ step) for each BatchNorm. The latent head is torchvision's `fc`: a v1.5 export l
 whose pooled features (the input of `fc`) are h. Inputs are NCHW float32 with the same pixel
 values soda_jax's encoder sees (NHWC in [-1, 1]; no ImageNet mean/std).
 
-Two documented swaps, which `build_resnet` makes (nothing else changes):
+Two documented swaps, which `torch_resnet.build_resnet` makes (nothing else changes):
   * stem='cifar': `model.conv1 = nn.Conv2d(C, width, 3, 1, 1, bias=False)`,
     `model.maxpool = nn.Identity()`;
   * an input with C != 3 channels (e.g. grey images): conv1 with C input channels.
@@ -116,53 +116,23 @@ def save(path: str, variables: Mapping[str, Any], config: ml_collections.ConfigD
   return path
 
 
-# ------------------------------------------------------------------ the PyTorch side (needs torch)
-def build_resnet(depth: int, *, width: int = 64, stem: str = "imagenet", in_channels: int = 3,
-                 num_classes: int = 1000):
-  """torchvision's `resnetNN(num_classes=...)`, with the documented swaps for our variants.
+# ------------------------------------------------------------------ the PyTorch side
+def run_torch(*args: str) -> str:
+  """`python -m soda_jax.export.torch_resnet ARGS` in a fresh process; its stdout.
 
-  width=64, stem='imagenet', in_channels=3 returns torchvision's model unchanged.
+  torch runs in its own process: in one process with TensorFlow (imported by clu), importing
+  torchvision (-> triton) crashed here with a segfault, and the torch side needs neither JAX
+  nor TF. Raises RuntimeError with the child's stderr tail if it fails.
   """
-  import torch.nn as tnn  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
-  if depth not in resnet.DEPTHS or stem not in resnet.STEMS:
-    raise ValueError(f"depth={depth!r}, stem={stem!r}: need one of {resnet.DEPTHS}, "
-                     f"{resnet.STEMS}")
-  model = getattr(torchvision.models, f"resnet{depth}")(num_classes=num_classes)
-  if width != 64:  # torchvision's own blocks and _make_layer, at this width
-    block = type(model.layer1[0])
-    model.inplanes = width
-    model.bn1 = model._norm_layer(width)  # pylint: disable=protected-access
-    for i, blocks in enumerate(resnet.STAGE_SIZES[depth]):
-      setattr(model, f"layer{i + 1}", model._make_layer(  # pylint: disable=protected-access
-          block, width * 2**i, blocks, stride=1 if i == 0 else 2))
-    model.fc = tnn.Linear(width * 8 * block.expansion, num_classes)
-  if stem == "cifar":
-    model.conv1 = tnn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-    model.maxpool = tnn.Identity()
-  elif width != 64 or in_channels != 3:
-    model.conv1 = tnn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
-  return model
-
-
-def load_resnet(path: str):
-  """The torchvision ResNet of a `save`d v1.5 file, weights loaded (strict), in eval mode."""
-  import torch  # pylint: disable=g-import-not-at-top
-  with safetensors.safe_open(path, framework="numpy") as f:
-    meta = f.metadata() or {}
-  if meta.get("format") != "torchvision":
-    raise ValueError(f"{path}: metadata format={meta.get('format')!r}, expected 'torchvision'")
-  model = build_resnet(int(meta["arch"][len("resnet"):]), width=int(meta["width"]),
-                       stem=meta["stem"], in_channels=int(meta["in_channels"]),
-                       num_classes=int(meta["latent_dim"]))
-  tensors = safetensors.numpy.load_file(path)
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
-  return model.eval()
-
-
-def features(model, images_nchw):
-  """(h, z) of a torchvision ResNet from `load_resnet`: pooled features and fc's output."""
-  x = model.maxpool(model.relu(model.bn1(model.conv1(images_nchw))))
-  x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
-  h = model.avgpool(x).flatten(1)
-  return h, model.fc(h)
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p))
+  proc = subprocess.run([sys.executable, "-m", "soda_jax.export.torch_resnet", *args],
+                        capture_output=True, text=True, check=False, env=env)
+  if proc.returncode:
+    raise RuntimeError(f"soda_jax.export.torch_resnet {' '.join(args)} failed "
+                       f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+  return proc.stdout
