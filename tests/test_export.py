@@ -1,0 +1,403 @@
+"""Exports, checked by numbers: torchvision parity, StableHLO in a fresh process, SavedModel,
+ONNX, the bitwise safetensors round trip, and one-line errors for bad input.
+
+Two tiny v1.5 encoders are trained for a few steps (so BatchNorm statistics and params are not
+at their init values): R18 with the cifar stem and R50 with the imagenet stem, width 8. Random
+weights (with random BatchNorm statistics) cover R18/R50 too, and R18 at full width loads into
+`torchvision.models.resnet18` unmodified. Tests that need torch skip only if it is not
+importable (requirements-test.txt installs it). Each parity test prints its max abs errors.
+"""
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from soda_jax import config_base, train
+from soda_jax.data import pipeline
+from soda_jax import export as export_lib
+from soda_jax.export import safetensors_io, stablehlo, torchvision as tv, variables as V
+from soda_jax.models import soda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "torchvision"))
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch/torchvision not importable "
+                                 "(pip install -r requirements-test.txt)")
+HAS_ONNX = HAS_TORCH and all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript"))
+TOL_TORCH = 1e-4
+TOL_HLO = 1e-5
+
+
+def _config(depth, stem, width=8, image_size=16):
+  c = config_base.load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  c.model.encoder.update(dict(depth=depth, version="v1.5", stem=stem, width=width))
+  c.data.update(dict(name="synthetic", channels=3, image_size=image_size))
+  c.batch_size = 16
+  c.num_train_steps = 3
+  c.log_every_steps = 3
+  c.checkpoint_every_steps = 3
+  c.async_checkpointing = False
+  c.evals.num_samples = 0
+  c.evals.probe_every_steps = -1
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(depth, stem, workdir):
+  config = _config(depth, stem)
+  train.train_and_evaluate(config, workdir)
+  return config
+
+
+@pytest.fixture(scope="module")
+def workroot(tmp_path_factory):
+  return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def r18(workroot):
+  """(config, workdir) of R18 (cifar stem) trained 3 steps."""
+  workdir = str(workroot / "r18")
+  return _trained(18, "cifar", workdir), workdir
+
+
+@pytest.fixture(scope="module")
+def r50(workroot):
+  workdir = str(workroot / "r50")
+  return _trained(50, "imagenet", workdir), workdir
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpoint(workdir, online=False):
+  """The checkpoint's eval variables (read once per test module)."""
+  config = _config(*{"r18": (18, "cifar"), "r50": (50, "imagenet")}[os.path.basename(workdir)])
+  return V.from_checkpoint(config, workdir, online=online)[0]
+
+
+@pytest.fixture(scope="module")
+def r18_export(r18, workroot):
+  """{format: path}: the R18 checkpoint exported once in every format this machine can write."""
+  config, workdir = r18
+  formats = ["torchvision", "safetensors", "stablehlo", "saved_model"]
+  if HAS_ONNX:
+    formats.append("onnx")
+  return export_lib.export_checkpoint(config, workdir, formats, str(workroot / "r18_out"),
+                                      platforms=["cpu"])
+
+
+def _random_variables(config, seed=0):
+  """Random weights and random BatchNorm statistics in the model's exact tree (nothing compiled)."""
+  rng = np.random.default_rng(seed)
+  abstract = V.abstract_variables(V.build_model(config), config)
+  flat = {}
+  for name, a in V.flatten(abstract).items():
+    if name.endswith("kernel"):
+      v = rng.normal(0, np.sqrt(2.0 / np.prod(a.shape[:-1])), a.shape)
+    elif name.endswith(("scale", ".var")):
+      v = rng.uniform(0.5, 1.5, a.shape)
+    else:  # bias, mean
+      v = rng.normal(0, 0.2, a.shape)
+    flat[name] = v.astype(a.dtype)
+  return V.unflatten(flat)
+
+
+def _images(config, n=6, seed=1):
+  """n/2 random images in [-1, 1] and n/2 synthetic shapes (real-looking), NHWC float32."""
+  s, c = config.data.image_size, config.data.channels
+  rand = np.random.default_rng(seed).uniform(-1, 1, (n // 2, s, s, c)).astype(np.float32)
+  shapes = pipeline.make_eval_arrays(config, "test", n - n // 2)["image"]
+  return np.concatenate([rand, shapes]).astype(np.float32)
+
+
+def _encode(config, variables, images):
+  model = V.build_model(config)
+  fn = jax.jit(functools.partial(model.apply, method=soda.SODA.encode))
+  return tuple(np.asarray(a) for a in fn(variables, images))
+
+
+def _torch_features(path, images):
+  """(h, z) from torchvision in a fresh torch process (strict load, eval mode)."""
+  d = os.path.dirname(path)
+  np.save(os.path.join(d, "images.npy"), images)
+  tv.run_torch("features", path, os.path.join(d, "images.npy"), os.path.join(d, "torch.npz"))
+  out = np.load(os.path.join(d, "torch.npz"))
+  return out["h"], out["z"]
+
+
+def _max_err(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# ------------------------------------------------------------------------------ torchvision
+@needs_torch
+@pytest.mark.parametrize("depth", [18, 50])
+def test_torchvision_names_shapes_match_torchvision_itself(depth):
+  """Our state_dict == torchvision.models.resnetNN(num_classes=latent)'s: names, shapes, dtypes;
+  and build_resnet at width 64 / imagenet stem / 3 channels is that model unchanged."""
+  config = _config(depth, "imagenet", width=64, image_size=32)
+  abstract = V.abstract_variables(V.build_model(config), config)
+  zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  ours = {k: [list(v.shape), str(v.dtype)] for k, v in tv.state_dict(zeros, step=3).items()}
+  theirs = json.loads(tv.run_torch("keys", str(depth), str(config.model.latent_dim)))
+  assert ours == theirs["torchvision"]
+  assert theirs["build_resnet"] == theirs["torchvision"]
+
+
+@needs_torch
+@pytest.mark.parametrize("depth,stem,weights", [
+    (18, "cifar", "random"), (50, "imagenet", "random"),
+    (18, "cifar", "trained"), (50, "imagenet", "trained"),
+])
+def test_torchvision_parity(depth, stem, weights, request, tmp_path):
+  if weights == "trained":
+    config, workdir = request.getfixturevalue({18: "r18", 50: "r50"}[depth])
+    if depth == 18:
+      paths = request.getfixturevalue("r18_export")
+    else:
+      paths = export_lib.export_checkpoint(config, workdir, ["torchvision"], str(tmp_path))
+    variables = _checkpoint(workdir)
+    # Training moved the statistics away from their init (0 mean, 1 var).
+    stats = traverse_util.flatten_dict(variables["batch_stats"])
+    assert max(np.abs(v - (k[-1] == "var")).max() for k, v in stats.items()) > 1e-3
+  else:
+    config = _config(depth, stem)
+    variables = _random_variables(config)
+    paths = {"torchvision": tv.save(str(tmp_path / "enc.safetensors"), variables, config,
+                                    step=0)}
+  images = _images(config)
+  h, z = _encode(config, variables, images)
+  th, tz = _torch_features(paths["torchvision"], images)
+  err_h, err_z = _max_err(h, th), _max_err(z, tz)
+  print(f"\ntorchvision parity R{depth} {stem} {weights}: max|h| {np.abs(h).max():.3g}, "
+        f"max abs err h {err_h:.3g}, z {err_z:.3g}")
+  assert err_h < TOL_TORCH and err_z < TOL_TORCH
+
+
+@needs_torch
+def test_torchvision_full_width_r18(tmp_path):
+  """Width 64, imagenet stem, 3 channels: torchvision's resnet18 itself (no swap)."""
+  config = _config(18, "imagenet", width=64, image_size=32)
+  variables = _random_variables(config, seed=2)
+  path = tv.save(str(tmp_path / "r18.safetensors"), variables, config, step=0)
+  images = _images(config, n=4)
+  h, z = _encode(config, variables, images)
+  th, tz = _torch_features(path, images)
+  err_h, err_z = _max_err(h, th), _max_err(z, tz)
+  print(f"\ntorchvision resnet18 (width 64, unmodified): max abs err h {err_h:.3g}, z {err_z:.3g}")
+  assert err_h < TOL_TORCH and err_z < TOL_TORCH
+
+
+def test_torch_format_names_v2_encoder():
+  """The GroupNorm v2 encoder: its own torchvision-style names, OIHW kernels, no running stats."""
+  config = config_base.load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  variables = _random_variables(config)
+  sd = tv.state_dict(variables, step=0)
+  flat = V.flatten(variables)
+  assert {"conv1.weight", "layer1.0.norm1.weight", "layer2.0.downsample.0.weight", "norm.bias",
+          "fc.weight", "fc.bias"} <= set(sd)
+  assert not any("running" in k or "num_batches" in k for k in sd)
+  assert len(sd) == len(flat) - sum(k.startswith("params.decoder") for k in flat)
+  np.testing.assert_array_equal(
+      sd["layer1.0.conv1.weight"],
+      flat["params.encoder.layer1_0.conv1.kernel"].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(sd["fc.weight"], flat["params.head.kernel"].T)
+
+
+# ------------------------------------------------------------------------------ safetensors
+def test_safetensors_round_trip_is_bitwise(r18, r18_export, tmp_path):
+  config, workdir = r18
+  for online in (False, True):  # r18_export holds the EMA params; --online the raw ones
+    path = (export_lib.export_checkpoint(config, workdir, ["safetensors"], str(tmp_path),
+                                         online=True) if online else r18_export)["safetensors"]
+    loaded, loaded_config, meta = safetensors_io.load(path)
+    want = _checkpoint(workdir, online)
+    got_flat, want_flat = V.flatten(loaded), V.flatten(want)
+    assert list(got_flat) == list(want_flat)
+    for k in want_flat:
+      assert got_flat[k].dtype == want_flat[k].dtype and got_flat[k].tobytes() == \
+          want_flat[k].tobytes(), k
+    assert meta["params"] == ("online" if online else "ema") and meta["step"] == "3"
+    assert loaded_config.model.to_dict() == json.loads(config.model.to_json())
+  # EMA and online params differ after training, so --online really changes what is written.
+  ema, onl = _checkpoint(workdir), _checkpoint(workdir, True)
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(ema["params"]),
+                                             jax.tree.leaves(onl["params"])))
+
+
+def test_safetensors_bad_files_name_the_problem(r18_export, tmp_path):
+  path = r18_export
+  good = open(path["safetensors"], "rb").read()
+  truncated = tmp_path / "truncated.safetensors"
+  truncated.write_bytes(good[: len(good) // 2])
+  with pytest.raises(ValueError, match=r"truncated.safetensors .* not a complete safetensors"):
+    safetensors_io.load(str(truncated))
+  with pytest.raises(ValueError, match=r"not a soda_jax export: metadata format='torchvision'"):
+    safetensors_io.load(path["torchvision"])
+  with pytest.raises(ValueError, match="no such file"):
+    safetensors_io.load(str(tmp_path / "absent.safetensors"))
+  # A soda_jax file whose tensors do not fit its config: each bad name is listed.
+  flat, meta = safetensors_io.read(path["safetensors"])
+  del flat["params.head.bias"]
+  flat["params.head.kernel"] = flat["params.head.kernel"][:, :3].copy()
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  edited = str(tmp_path / "edited.safetensors")
+  safetensors.numpy.save_file(flat, edited, metadata=meta)
+  with pytest.raises(ValueError, match=r"missing params.head.bias .*params.head.kernel: shape"):
+    safetensors_io.load(edited)
+
+
+# ------------------------------------------------------------------------------ StableHLO
+_FRESH = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np, safetensors.numpy
+    d = sys.argv[1]
+    io = np.load(d + '/io.npz')
+    out = {}
+    for name in ('encode', 'denoise'):
+      exp = jax.export.deserialize(bytearray(open(d + f'/{name}.stablehlo', 'rb').read()))
+      weights = safetensors.numpy.load_file(d + f'/{name}.safetensors')
+      for b in (2, 5):
+        args = [io[f'{name}_in{i}_{b}'] for i in range(len(exp.in_avals) - len(weights))]
+        res = exp.call(weights, *args)
+        res = res if isinstance(res, (tuple, list)) else (res,)
+        out[f'{name}_{b}'] = max(float(np.abs(np.asarray(r) - io[f'{name}_out{i}_{b}']).max())
+                                 for i, r in enumerate(res))
+    assert not any(m.startswith('soda_jax') for m in sys.modules)
+    print(json.dumps(out))
+""")
+
+
+def test_stablehlo_in_a_fresh_process(r18, r18_export, tmp_path):
+  config, workdir = r18
+  out = os.path.dirname(r18_export["stablehlo"])
+  variables = _checkpoint(workdir)
+  model = V.build_model(config)
+  rng = np.random.default_rng(0)
+  io = {}
+  for b in (2, 5):
+    images = _images(config, n=b + 1)[:b]
+    io.update({f"encode_in0_{b}": images})
+    for i, o in enumerate(_encode(config, variables, images)):
+      io[f"encode_out{i}_{b}"] = o
+    s, c = config.data.image_size, config.data.channels
+    args = [rng.normal(size=(b, s, s, c)).astype(np.float32),
+            rng.uniform(0, 1, (b,)).astype(np.float32),
+            rng.normal(size=(b, config.model.latent_dim)).astype(np.float32),
+            rng.uniform(size=(b, model.num_subvectors)) > 0.3]
+    for i, a in enumerate(args):
+      io[f"denoise_in{i}_{b}"] = a
+    pred = jax.jit(functools.partial(model.apply, method=soda.SODA.denoise))(variables, *args)
+    io[f"denoise_out0_{b}"] = np.asarray(pred)
+  np.savez(os.path.join(out, "io.npz"), **io)  # the subprocess reads only files in `out`
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", _FRESH, out], capture_output=True, text=True,
+                        env=env, cwd=str(tmp_path), timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  errs = json.loads(proc.stdout.strip().splitlines()[-1])
+  print(f"\nStableHLO fresh process max abs errors: {errs}")
+  assert set(errs) == {"encode_2", "encode_5", "denoise_2", "denoise_5"}
+  assert max(errs.values()) < TOL_HLO
+  sig = json.load(open(os.path.join(out, "stablehlo.json")))
+  assert sig["encode"]["in"] == ["float32[b,16,16,3]"]
+
+
+def test_stablehlo_lowers_for_cpu_cuda_tpu(r18):
+  config, workdir = r18
+  variables = _checkpoint(workdir)
+  exp = stablehlo.export_encode(V.build_model(config), variables, config)
+  assert exp.platforms == ("cpu", "cuda", "tpu")
+  assert len(exp.serialize()) < 10 * 2**20  # params are arguments, not constants
+
+
+# ------------------------------------------------------------------------------ SavedModel / ONNX
+def test_saved_model_matches_encode(r18, r18_export):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config, workdir = r18
+  variables = _checkpoint(workdir)
+  serve = tf.saved_model.load(r18_export["saved_model"]).signatures["serving_default"]
+  errs = {}
+  for b in (2, 5):
+    images = _images(config, n=b + 1)[:b]
+    h, z = _encode(config, variables, images)
+    out = serve(images=tf.constant(images))
+    errs[b] = (_max_err(h, out["h"].numpy()), _max_err(z, out["z"].numpy()))
+  print(f"\nSavedModel max abs errors (h, z) by batch: {errs}")
+  assert max(max(e) for e in errs.values()) < TOL_TORCH
+
+
+@pytest.mark.skipif(not HAS_ONNX, reason="torch, onnxscript or onnxruntime not importable "
+                           "(pip install -r requirements-test.txt)")
+def test_onnx_matches_encode(r18, r18_export):
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  config, workdir = r18
+  path = r18_export["onnx"]
+  variables = _checkpoint(workdir)
+  session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+  errs = {}
+  for b in (2, 5):
+    images = _images(config, n=b + 1)[:b]
+    h, z = _encode(config, variables, images)
+    oh, oz = session.run(["h", "z"], {"images": images.transpose(0, 3, 1, 2).copy()})
+    errs[b] = (_max_err(h, oh), _max_err(z, oz))
+  print(f"\nONNX Runtime max abs errors (h, z) by batch: {errs}")
+  assert max(max(e) for e in errs.values()) < TOL_TORCH
+
+
+# ------------------------------------------------------------------------------ bad input
+class _CompileCounter:
+  """Counts lowerings to MLIR and XLA compiles while active (a persistent-cache hit skips the
+  compile event but not the lowering one)."""
+
+  def __enter__(self):
+    self.count = 0
+    def listener(event, duration, **kwargs):
+      del duration, kwargs
+      if event in ("/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration"):
+        self.count += 1
+    self._listener = listener
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def test_bad_input_one_line_errors_before_compiling(r18, tmp_path):
+  config, workdir = r18
+  with _CompileCounter() as counter:  # the counter itself sees a compilation
+    jax.jit(lambda x: x * 3 + 1)(jnp.zeros(7)).block_until_ready()
+  assert counter.count >= 1
+  tiny_v2 = config_base.load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  cases = [
+      (config, workdir, ["pytorch"], None, r"^--to='pytorch' is not one of \("),
+      (config, workdir, ["safetensors"], 7,
+       r"^--step=7 is not a checkpoint in .* \(steps: \[3\]\)"),
+      (tiny_v2, workdir, ["safetensors", "torchvision"], None,
+       r"^--to=torchvision: config.model.encoder.version='v2' \(pre-activation GroupNorm"),
+  ]
+  for cfg, wd, formats, step, pattern in cases:
+    with _CompileCounter() as counter, pytest.raises(ValueError, match=pattern) as e:
+      export_lib.export_checkpoint(cfg, wd, formats, str(tmp_path / "out"), step=step)
+    assert "\n" not in str(e.value) and counter.count == 0, (str(e.value), counter.count)
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_prints_one_line_error_and_exits_2(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "soda_jax.export", "--config=configs/tiny.py",
+       f"--workdir={tmp_path}", "--to=torchvision", f"--out={tmp_path / 'out'}"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "soda_jax.export: error: --to=torchvision: config.model.encoder.version='v2'")
