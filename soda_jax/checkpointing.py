@@ -107,6 +107,10 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
+  def all_steps(self):
+    """Every saved step, oldest first (export picks one by number)."""
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: Any, data_iter: Any,
            config: ml_collections.ConfigDict) -> bool:
     """Start saving `step` (async: returns once device arrays are copied to host)."""

@@ -103,9 +103,11 @@ def from_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: Optio
     raw = ckpt.restore_raw(step)
   finally:
     ckpt.close()
+  # EMA params go with the EMA of the BatchNorm statistics (train_step.TrainState).
   variables = {"params": raw["params" if online else "ema_params"]}
-  if raw.get("batch_stats"):
-    variables["batch_stats"] = raw["batch_stats"]
+  stats = raw.get("batch_stats" if online else "ema_batch_stats")
+  if stats:
+    variables["batch_stats"] = stats
   variables = jax.tree.map(np.asarray, variables)
   check_matches(variables, abstract_variables(build_model(config), config),
                 f"checkpoint step {step} in {workdir}")
