@@ -178,7 +178,10 @@ def test_torchvision_parity(depth, stem, weights, request, tmp_path):
   err_h, err_z = _max_err(h, th), _max_err(z, tz)
   print(f"\ntorchvision parity R{depth} {stem} {weights}: max|h| {np.abs(h).max():.3g}, "
         f"max abs err h {err_h:.3g}, z {err_z:.3g}")
-  assert err_h < TOL_TORCH and err_z < TOL_TORCH
+  # 1e-4 absolute for O(1) features; random BatchNorm statistics blow R50's h up to ~200, where
+  # float32 summation order alone gives ~1e-6 relative: scale the bound by the magnitude.
+  scale = max(1.0, float(np.abs(h).max()))
+  assert err_h < TOL_TORCH * scale and err_z < TOL_TORCH * scale, (err_h, err_z, scale)
 
 
 @needs_torch
