@@ -50,6 +50,9 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   m.decoder = ml_collections.ConfigDict(dec)
   m.decoder.channel_mult = tuple(m.decoder.channel_mult)
   m.decoder.attention_resolutions = tuple(m.decoder.attention_resolutions)
+  # pose='rays' (3-D views): Fourier frequencies of the per-pixel Plucker rays of the target
+  # camera (decoder input) and of each source camera (encoder input).
+  m.ray_freqs = 4
   return m
 
 
