@@ -6,15 +6,16 @@ python -m soda_jax.main --config=configs/nvs_synthetic.py --workdir=/tmp/soda_nv
 evaluate/nvs.py scores samples of held-out views of unseen objects with 1 and 3 source views
 against copying the nearest source view and the latent-free model (workdir/nvs_eval.json).
 
-Sized to train in about 30 minutes on 2 CPU cores (an estimate from the demo config's measured
-step time, not a measured run). Variants: `:steps=N`; `:variant=tiny` (16x16, tiny model, a few
+Sized to train in about 30 minutes on 2 free CPU cores: an estimate (the 2-D demo's ~2 s/step
+for a similar encoder/decoder load, plus ~2 min of rendering and ~1 min of NVS evaluation),
+not a measured run. Variants: `:steps=N`; `:variant=tiny` (16x16, tiny model, a few
 steps: tests and smoke runs).
 """
 from soda_jax import config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, variant="demo", steps=1000)
+  a = config_base.parse_arg(arg, variant="demo", steps=800)
   if a.variant not in ("demo", "tiny"):
     raise ValueError(f"config argument variant={a.variant!r} is not one of ('demo', 'tiny')")
   c = config_base.base_config(a.variant)
