@@ -50,6 +50,9 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   m.decoder = ml_collections.ConfigDict(dec)
   m.decoder.channel_mult = tuple(m.decoder.channel_mult)
   m.decoder.attention_resolutions = tuple(m.decoder.attention_resolutions)
+  # pose='rays' (3-D views): Fourier frequencies of the per-pixel Plucker rays of the target
+  # camera (decoder input) and of each source camera (encoder input).
+  m.ray_freqs = 4
   return m
 
 
@@ -119,10 +122,35 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       z_usage_examples=64,
       probe_train_examples=2000,
       probe_test_examples=1000,
+      # 3-D novel view synthesis (evaluate/nvs.py, at the end of a multi-view run): PSNR/SSIM
+      # of DDIM samples on nvs_objects test objects for each K in nvs_source_views, and a
+      # turntable grid of nvs_grid_objects objects x nvs_turntable target cameras.
+      nvs_objects=32,
+      nvs_source_views=(1, 3),
+      nvs_grid_objects=4,
+      nvs_turntable=6,
   ))
   c.distributed = False  # call jax.distributed.initialize() (multi-host pods)
   # Persistent XLA cache: 'auto' = ~/.cache/soda_jax/xla (unless already set), '' = off, or a dir.
   c.compilation_cache_dir = "auto"
+  return c
+
+
+def use_multiview(c: ml_collections.ConfigDict, name: str, image_size: int,
+                  num_source_views: int) -> ml_collections.ConfigDict:
+  """Switch a config to 3-D novel view synthesis on a multi-view dataset (in place).
+
+  Camera rays condition the model (pose='rays'); the 2-D evaluations (sample grids, probes,
+  z-usage) are off, the NVS evaluation (evaluate/nvs.py) runs at the end instead.
+  """
+  c.data.name = name
+  c.data.image_size = image_size
+  c.data.channels = 3
+  c.data.num_source_views = num_source_views
+  c.model.pose = "rays"
+  c.evals.num_samples = 0
+  c.evals.probe_every_steps = -1
+  c.evals.z_usage_every_steps = -1
   return c
 
 

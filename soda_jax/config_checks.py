@@ -180,12 +180,51 @@ def training_errors(config: ml_collections.ConfigDict, num_devices: int,
   return errs
 
 
+def multiview_errors(config: ml_collections.ConfigDict) -> List[str]:
+  """3-D views: the dataset, the model's pose (camera rays) and the evaluations must agree."""
+  from soda_jax.data import sources  # pylint: disable=g-import-not-at-top
+  errs = []
+  f = config.model.get("ray_freqs")
+  if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f <= 16:
+    errs.append(f"config.model.ray_freqs={f!r} must be an int in [0, 16]")
+  if "data" not in config:
+    return errs
+  name, pose = config.data.name, config.model.pose
+  multiview = sources.is_multiview(config.data)
+  if multiview and pose != "rays":
+    errs.append(f"config.model.pose={pose!r} must be 'rays' for the multi-view dataset "
+                f"config.data.name={name!r} (the decoder needs the target camera)")
+  if pose == "rays" and not multiview:
+    errs.append(f"config.model.pose='rays' needs a multi-view dataset (config.data.name one of "
+                f"{sources.MULTIVIEW_NAMES}), not config.data.name={name!r}")
+  if not multiview or "evals" not in config:
+    return errs
+  ev = config.evals
+  for key, need in (("num_samples", 0), ("probe_every_steps", -1), ("z_usage_every_steps", -1)):
+    if ev[key] != need:
+      errs.append(f"config.evals.{key}={ev[key]!r} must be {need} for the multi-view dataset "
+                  f"config.data.name={name!r}: a 2-D evaluation (the NVS evaluation, "
+                  "config.evals.nvs_*, replaces it)")
+  if isinstance(ev.nvs_objects, bool) or not isinstance(ev.nvs_objects, int) or ev.nvs_objects < 0:
+    errs.append(f"config.evals.nvs_objects={ev.nvs_objects!r} must be an int >= 0 (0 = no NVS "
+                "evaluation)")
+  ks = tuple(ev.nvs_source_views)
+  if not ks or not all(isinstance(k, int) and 1 <= k <= sources.MAX_SOURCE_VIEWS for k in ks):
+    errs.append(f"config.evals.nvs_source_views={ks!r} must be a non-empty tuple of ints in "
+                f"[1, {sources.MAX_SOURCE_VIEWS}]")
+  for key in ("nvs_turntable", "nvs_grid_objects"):
+    if isinstance(ev[key], bool) or not isinstance(ev[key], int) or ev[key] < 0:
+      errs.append(f"config.evals.{key}={ev[key]!r} must be an int >= 0")
+  return errs
+
+
 def check(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
           process_count: int = 1) -> None:
   """Raise one ConfigError listing every problem; `num_devices=None` skips the training checks."""
   errs = non_finite_errors(config)
   errs += model_errors(config.model, config.data.image_size if "data" in config else None)
   errs += diffusion_errors(config.diffusion)
+  errs += multiview_errors(config)
   if num_devices is not None:
     errs += training_errors(config, num_devices, process_count)
   if errs:

@@ -14,7 +14,8 @@ import numpy as np
 
 from soda_jax import checkpointing, config_checks, sharding, train_step as ts
 from soda_jax.data import pipeline
-from soda_jax.evaluate import generate, representation, z_usage
+from soda_jax.data import sources
+from soda_jax.evaluate import generate, nvs, representation, z_usage
 
 
 class _Preemption:
@@ -211,6 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:
       print(f"\nSODA after {step} steps (frozen EMA encoder, {config.data.name}):\n"
             + representation.format_table(result["eval"]), flush=True)
+  if finished and sources.is_multiview(config.data) and config.evals.nvs_objects > 0:
+    result["nvs"] = nvs.evaluate(config, model, state.eval_variables(), workdir, step, writer)
   ckpt.close()
   writer.flush()
   result["state"] = state

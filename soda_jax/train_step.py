@@ -135,7 +135,8 @@ def create_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                model: soda.SODA, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One SODA update. batch: source/target (B, H, W, C) in [-1, 1], target_box (B, 4)."""
+  """One SODA update. batch: source/target (B, H, W, C) in [-1, 1], target_box (B, 4); 3-D
+  views: source (B, K, H, W, 3), source_rays (B, K, H, W, 6), target_rays (B, H, W, 6)."""
   d = config.diffusion
   rng = jax.random.fold_in(rng, state.step)
   k_t, k_noise, k_mask, k_drop = jax.random.split(rng, 4)
@@ -152,7 +153,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
     variables = model_variables(params, state.batch_stats)
     mutable = ["batch_stats"] if state.batch_stats else []
     out = model.apply(variables, source, x_t, t, keep, batch.get("target_box"), pose_keep,
-                      train=True, rngs={"dropout": k_drop}, mutable=mutable or False)
+                      train=True, rngs={"dropout": k_drop}, mutable=mutable or False,
+                      source_rays=batch.get("source_rays"), target_rays=batch.get("target_rays"))
     pred, new_vars = out if mutable else (out, {})
     per_example = diffusion.diffusion_loss(pred, target, noise, t, pred_type=d.pred_type,
                                            schedule=d.schedule, weighting=d.loss_weighting)

@@ -14,11 +14,13 @@ def load_config(name, arg=None):
 
 @pytest.mark.parametrize("name,arg", [("tiny", None), ("demo", None), ("cifar10", None),
                                       ("cifar10", "arch=peer"), ("imagenet", None),
-                                      ("imagenet", "runlocal=True")])
+                                      ("imagenet", "runlocal=True"), ("nvs_synthetic", None),
+                                      ("nvs_synthetic", "variant=tiny"), ("nmr", None),
+                                      ("srn_cars", None)])
 def test_shipped_configs_are_valid(name, arg):
   c = load_config(name, arg)
   config_checks.check(c)  # model + diffusion
-  if name in ("tiny", "demo"):  # their datasets exist offline; the others need tfds prepared
+  if name in ("tiny", "demo", "nvs_synthetic"):  # datasets offline; others need data prepared
     config_checks.check(c, num_devices=8)
 
 

@@ -32,9 +32,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from soda_jax.data import sources, views
+from soda_jax.data import multiview, sources, views
 
 BATCH_KEYS = ("source", "target", "target_box", "label", "index")
+# 3-D views (sources.MULTIVIEW_NAMES): K source views with their rays, one target view.
+MULTIVIEW_BATCH_KEYS = ("source", "source_rays", "target", "target_rays", "source_views",
+                        "target_view", "index")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -59,6 +62,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # JPEG decoding and file reads release the GIL).
       num_threads=-1,
       prefetch=4,  # batches buffered ahead per process
+      # Multi-view names (sources.MULTIVIEW_NAMES): source views per example, each encoded,
+      # their latents averaged. 'synthetic_multiview' uses synthetic_examples train objects.
+      num_source_views=1,
   ))
 
 
@@ -85,17 +91,36 @@ class TwoViewTransform(grain.transforms.RandomMap):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class MultiViewTransform(grain.transforms.RandomMap):
+  """Object index -> `multiview.sample_example` (K source views + a target view, with rays);
+  an object that cannot be read (missing / corrupt file) becomes {'valid': False}."""
+  src: Any
+  num_source_views: int
+
+  def random_map(self, element: int, rng: np.random.Generator) -> Dict[str, Any]:
+    try:
+      out = multiview.sample_example(self.src, int(element), rng, self.num_source_views)
+    except (OSError, ValueError, KeyError) as e:  # missing/corrupt files, too few views
+      logging.warning("Multi-view object %d of %r unreadable: %s", int(element), self.src, e)
+      return {"valid": False, "index": np.int32(element)}
+    out["valid"] = True
+    return out
+
+
 class SkipInvalidBatch(grain.IterDataset):
   """Drops records marked invalid (counting them) and stacks `batch_size` valid ones."""
 
   def __init__(self, parent: grain.IterDataset, batch_size: int,
-               max_consecutive_invalid: int = 10_000):
+               max_consecutive_invalid: int = 10_000, keys: Sequence[str] = BATCH_KEYS):
     super().__init__(parent)
     self._batch_size = batch_size
     self._max_invalid = max_consecutive_invalid
+    self._keys = tuple(keys)
 
   def __iter__(self) -> "SkipInvalidBatchIterator":
-    return SkipInvalidBatchIterator(self._parent.__iter__(), self._batch_size, self._max_invalid)
+    return SkipInvalidBatchIterator(self._parent.__iter__(), self._batch_size, self._max_invalid,
+                                    self._keys)
 
   def __str__(self) -> str:
     return f"SkipInvalidBatch(batch_size={self._batch_size})"
@@ -104,10 +129,12 @@ class SkipInvalidBatch(grain.IterDataset):
 class SkipInvalidBatchIterator(grain.DatasetIterator):
   """State = parent state + the number of records skipped so far (checkpointed with it)."""
 
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int, max_invalid: int):
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, max_invalid: int,
+               keys: Sequence[str] = BATCH_KEYS):
     super().__init__(parent)
     self._batch_size = batch_size
     self._max_invalid = max_invalid
+    self._keys = tuple(keys)
     self.skipped_records = 0
 
   def __next__(self) -> Dict[str, np.ndarray]:
@@ -126,7 +153,7 @@ class SkipInvalidBatchIterator(grain.DatasetIterator):
       if run >= self._max_invalid:
         raise RuntimeError(f"{run} consecutive records could not be decoded: is the dataset "
                            "(config.data.name / folder / tfds_data_dir) the right one?")
-    return {k: np.stack([x[k] for x in items]) for k in BATCH_KEYS}
+    return {k: np.stack([x[k] for x in items]) for k in self._keys}
 
   def get_state(self) -> Dict[str, Any]:
     return {"parent": self._parent.get_state(), "skipped_records": self.skipped_records}
@@ -163,6 +190,9 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, seed: int, process_
   src = sources.get_source(data, data.split)
   logging.info("Train source %r: %d records; process %d/%d takes every %d-th of the stream.",
                src, len(src), process_index, process_count, process_count)
+  if sources.is_multiview(data):
+    return _multiview_train_dataset(data, src, seed, process_index, process_count,
+                                    per_process_batch)
   ds = grain.MapDataset.source(src).map_with_index(_attach_index)
   ds = ds.seed(int(seed)).shuffle().repeat()
   ds = ds.random_map(TwoViewTransform(views.ViewConfig.from_config(data), int(data.channels)))
@@ -172,13 +202,32 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, seed: int, process_
   return SkipInvalidBatch(ds.to_iter_dataset(read), per_process_batch)
 
 
+def _multiview_train_dataset(data, src, seed, process_index, process_count, per_process_batch):
+  """Objects shuffled per epoch -> K source + 1 target view each (the same stages as 2-D).
+
+  Synthetic objects are rendered in the reading thread (numpy) and cached per view, so threads
+  help only while the cache fills; file readers decode PNGs (threads release the GIL).
+  """
+  ds = grain.MapDataset.range(len(src)).seed(int(seed)).shuffle().repeat()
+  ds = ds.random_map(MultiViewTransform(src, int(data.num_source_views)))
+  ds = ds[process_index::process_count]
+  threads = data.num_threads if data.num_threads >= 0 else (
+      0 if data.name == "synthetic_multiview" else 16)
+  read = grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=int(data.prefetch) * per_process_batch)
+  return SkipInvalidBatch(ds.to_iter_dataset(read), per_process_batch,
+                          keys=MULTIVIEW_BATCH_KEYS)
+
+
 def make_train_iterator(config: ml_collections.ConfigDict, *, seed: int,
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None) -> SkipInvalidBatchIterator:
   """Infinite iterator of this process's batches (dicts of numpy arrays):
 
   source, target (B, S, S, C) float32 in [-1, 1]; target_box (B, 4) float32; label (B,) int32;
-  index (B,) int32 (position in the source split). B = config.batch_size // process_count.
+  index (B,) int32 (position in the source split). Multi-view datasets instead give
+  MULTIVIEW_BATCH_KEYS: source (B, K, S, S, 3), source_rays (B, K, S, S, 6), target (B, S, S, 3),
+  target_rays (B, S, S, 6), source_views (B, K), target_view (B,), index (B,) (object). B = config.batch_size // process_count.
   Checkpointable: `get_state()` / `set_state()` (JSON-serialisable; grain.checkpoint works).
   """
   return iter(make_train_dataset(

@@ -18,8 +18,11 @@ import numpy as np
 
 DEFAULT_IDX_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# Posed multi-view objects for 3-D novel view synthesis (data/multiview.py, multiview_readers.py):
+# the embedded generated objects, and the NMR / SRN layouts under config.data.folder.
+MULTIVIEW_NAMES = ("synthetic_multiview", "nmr", "srn")
 # Names handled here rather than by tfds (anything else must be a registered tfds builder).
-LOCAL_NAMES = ("fashion_mnist", "synthetic", "folder")
+LOCAL_NAMES = ("fashion_mnist", "synthetic", "folder") + MULTIVIEW_NAMES
 
 _IDX_FILES = {"train": "train", "test": "t10k"}
 _SPLIT_RE = re.compile(r"^(?P<base>[\w-]+)(\[(?P<start>-?\d*%?):(?P<stop>-?\d*%?)\])?$")
@@ -312,8 +315,9 @@ def config_errors(data: ml_collections.ConfigDict) -> List[str]:
   """Static checks of config.data (no data is read); messages name the key and the value."""
   err = name_error(data.name)
   errs = [err] if err else []
-  if data.name == "folder" and not data.folder:
-    errs.append("config.data.folder='' must be set when config.data.name='folder'")
+  if data.name in ("folder", "nmr", "srn") and not data.folder:
+    errs.append(f"config.data.folder='' must be set when config.data.name={data.name!r}")
+  errs += multiview_errors(data)
   for key in ("split", "eval_split"):
     try:
       parse_split(data[key])
@@ -338,10 +342,67 @@ def config_errors(data: ml_collections.ConfigDict) -> List[str]:
   return errs
 
 
+def is_multiview(data: ml_collections.ConfigDict) -> bool:
+  """Whether config.data names a posed multi-view dataset (3-D novel view synthesis)."""
+  return data.name in MULTIVIEW_NAMES
+
+
+def multiview_errors(data: ml_collections.ConfigDict) -> List[str]:
+  """Static checks of the multi-view keys of config.data (pose/model checks: config_checks)."""
+  if not is_multiview(data):
+    return []
+  errs = []
+  for key in ("split", "eval_split"):
+    try:
+      if parse_split(data[key])[1] != slice(None, None):
+        errs.append(f"config.data.{key}={data[key]!r}: multi-view datasets take a plain split "
+                    "name (no [start:stop] slice)")
+    except (ValueError, AttributeError):
+      pass  # reported by config_errors
+  if data.channels != 3:
+    errs.append(f"config.data.channels={data.channels!r} must be 3 for the multi-view dataset "
+                f"config.data.name={data.name!r}")
+  k = data.num_source_views
+  if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SOURCE_VIEWS:
+    errs.append(f"config.data.num_source_views={k!r} must be an int in [1, {MAX_SOURCE_VIEWS}]")
+  return errs
+
+
+MAX_SOURCE_VIEWS = 8  # fewer than any dataset's views per object (NMR: 24)
+
+
+def multiview_source(data: ml_collections.ConfigDict, split: str):
+  """The object source of a multi-view config.data.name for split 'train' | 'val' | 'test'.
+
+  synthetic_multiview: `synthetic_examples` train objects (other splits a quarter), rendered at
+  image_size. nmr: folder is the NMR root (SoftRas lists per synset). srn: folder holds one
+  directory per split, named <split> or <anything>_<split> ('cars_train', 'cars_test').
+  """
+  from soda_jax.data import multiview, multiview_readers  # pylint: disable=g-import-not-at-top
+  base, _ = parse_split(split)
+  if data.name == "synthetic_multiview":
+    n = data.synthetic_examples if base == "train" else max(1, data.synthetic_examples // 4)
+    return multiview.SyntheticMultiView("train" if base == "train" else "test", n,
+                                        data.image_size)
+  if not data.folder:
+    raise ValueError(f"config.data.folder='' must be set when config.data.name={data.name!r}")
+  if data.name == "nmr":
+    return multiview_readers.NMRMultiView(data.folder, base, data.image_size)
+  if data.name == "srn":
+    subs = sorted(d for d in os.listdir(data.folder) if d == base or d.endswith("_" + base))
+    if not subs:
+      raise FileNotFoundError(f"config.data.folder={data.folder!r} has no directory named "
+                              f"{base!r} or '*_{base}' for config.data.name='srn'")
+    return multiview_readers.SRNMultiView(os.path.join(data.folder, subs[0]), data.image_size)
+  raise ValueError(f"config.data.name={data.name!r} is not one of {MULTIVIEW_NAMES}")
+
+
 def get_source(data: ml_collections.ConfigDict, split: str):
   """config.data (+ a split such as 'train' or 'test[:1000]') -> a random-access source."""
   name = data.name
   base, sl = parse_split(split)
+  if name in MULTIVIEW_NAMES:
+    return multiview_source(data, split)
   if name == "synthetic":
     n = data.synthetic_examples if base == "train" else max(1, data.synthetic_examples // 4)
     return _sliced(SyntheticShapes(n, data.image_size, _synthetic_seed(base)), sl)

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from soda_jax.data import cameras
+
 Dtype = Any
 
 # Logical axis names of each parameter kind. Mesh rules live in the config.
@@ -77,6 +79,26 @@ def box_to_pose_map(box: jax.Array, keep: jax.Array, height: int, width: int) ->
   yy = jnp.broadcast_to(ys[:, :, None], (box.shape[0], height, width))
   xx = jnp.broadcast_to(xs[:, None, :], (box.shape[0], height, width))
   pose = jnp.stack([2 * yy - 1, 2 * xx - 1, jnp.ones_like(yy)], axis=-1)
+  return jnp.where(keep[:, None, None, None], pose, 0.0)
+
+
+def embed_rays(rays: jax.Array, num_freqs: int) -> jax.Array:
+  """Per-pixel rays (..., 6) (Plucker by default, see data/cameras.py) -> Fourier features
+  [rays, sin(2^i pi rays), cos(2^i pi rays)], i < num_freqs: (..., ray_channels(num_freqs))."""
+  return cameras.fourier_embed(rays.astype(jnp.float32), num_freqs)
+
+
+def ray_channels(num_freqs: int) -> int:
+  return cameras.fourier_channels(6, num_freqs)
+
+
+def rays_to_pose_map(rays: jax.Array, keep: jax.Array, num_freqs: int) -> jax.Array:
+  """3-D pose of a target view: its per-pixel rays (B, H, W, 6), Fourier-embedded, plus a
+  validity channel, as `box_to_pose_map` does for the 2-D box. keep: (B,) bool, False = pose
+  dropped: the map is then exact zeros (a `where`), whatever the rays hold.
+  Returns (B, H, W, ray_channels(num_freqs) + 1)."""
+  emb = embed_rays(rays, num_freqs)
+  pose = jnp.concatenate([emb, jnp.ones(emb.shape[:-1] + (1,), emb.dtype)], axis=-1)
   return jnp.where(keep[:, None, None, None], pose, 0.0)
 
 

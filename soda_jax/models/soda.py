@@ -12,8 +12,9 @@ from soda_jax.models.resnet import ResNet
 from soda_jax.models.unet import UNet
 
 MODULATIONS = ("layer", "global")
-POSES = ("none", "box")
+POSES = ("none", "box", "rays")
 POSE_CHANNELS = {"none": 0, "box": 3}
+DEFAULT_RAY_FREQS = 4  # pose='rays': Fourier frequencies of the Plucker ray maps
 LATENT_INITS = ("zero", "lecun")  # init of each block's latent_proj Dense
 LATENT_ACTS = ("none", "silu")  # applied to z before the per-block projections
 
@@ -43,6 +44,7 @@ class SODA(nn.Module):
   decoder: UNet
   latent_dim: int
   modulation: str = "layer"
+  ray_freqs: int = DEFAULT_RAY_FREQS  # pose='rays': see layers.embed_rays
   pose: str = "none"
   latent_act: str = "none"
 
@@ -53,10 +55,25 @@ class SODA(nn.Module):
   def num_subvectors(self) -> int:
     return num_subvectors(self.modulation, len(self.decoder.channel_mult))
 
-  def encode(self, x, train: bool = False):
-    """source view (B, H, W, C) -> (pooled features h (B, F), latent z (B, latent_dim))."""
-    h = self.encoder(x, train=train)
-    return h, self.head(h).astype(jnp.float32)
+  def encode(self, x, train: bool = False, source_rays=None):
+    """source view (B, H, W, C) -> (pooled features h (B, F), latent z (B, latent_dim)).
+
+    K source views (B, K, H, W, C) run through the encoder as B * K images; h and z are the
+    means over the K views (one latent per object, independent of the views' order). With
+    pose='rays' each view's ray map `source_rays` (..., H, W, 6) is Fourier-embedded and
+    concatenated to its pixels.
+    """
+    if self.pose == "rays":
+      if source_rays is None:
+        raise ValueError("model.pose='rays' needs source_rays (..., H, W, 6)")
+      x = jnp.concatenate([x, layers.embed_rays(source_rays, self.ray_freqs).astype(x.dtype)],
+                          axis=-1)
+    lead = x.shape[:-3]
+    h = self.encoder(x.reshape((-1,) + x.shape[-3:]), train=train)
+    z = self.head(h).astype(jnp.float32)
+    if len(lead) == 2:
+      h, z = (a.reshape(lead + a.shape[1:]).mean(axis=1) for a in (h, z))
+    return h, z
 
   def modulations(self, z, keep) -> List[Tuple[jax.Array, jax.Array]]:
     num_levels = len(self.decoder.channel_mult)
@@ -67,8 +84,12 @@ class SODA(nn.Module):
     subs = jnp.split(z, list(itertools.accumulate(split_sizes(self.latent_dim, num_levels + 1)))[:-1], axis=-1)
     return [(s, keep[:, i]) for i, s in enumerate(subs)]
 
-  def denoise(self, x_t, t, z, keep, target_box=None, pose_keep=None, train: bool = False):
-    """Predict (eps | v | x0) for x_t (B, H, W, C) at times t (B,) given z and its keep mask."""
+  def denoise(self, x_t, t, z, keep, target_box=None, pose_keep=None, train: bool = False,
+              target_rays=None):
+    """Predict (eps | v | x0) for x_t (B, H, W, C) at times t (B,) given z and its keep mask.
+
+    The pose: pose='box' needs target_box (B, 4), pose='rays' target_rays (B, H, W, 6);
+    pose_keep (B,) False drops it (default: kept)."""
     pose_map = None
     if self.pose == "box":
       if target_box is None:
@@ -76,16 +97,39 @@ class SODA(nn.Module):
       if pose_keep is None:
         pose_keep = jnp.ones(x_t.shape[:1], bool)
       pose_map = layers.box_to_pose_map(target_box, pose_keep, x_t.shape[1], x_t.shape[2])
+    if self.pose == "rays":
+      if target_rays is None:
+        raise ValueError("model.pose='rays' needs target_rays (B, H, W, 6)")
+      if pose_keep is None:
+        pose_keep = jnp.ones(x_t.shape[:1], bool)
+      pose_map = layers.rays_to_pose_map(target_rays, pose_keep, self.ray_freqs)
     return self.decoder(x_t, t, self.modulations(z, keep), pose_map, train=train)
 
-  def __call__(self, source, x_t, t, keep, target_box=None, pose_keep=None, train: bool = False):
-    _, z = self.encode(source, train=train)
-    return self.denoise(x_t, t, z, keep, target_box, pose_keep, train=train)
+  def __call__(self, source, x_t, t, keep, target_box=None, pose_keep=None, train: bool = False,
+               source_rays=None, target_rays=None):
+    _, z = self.encode(source, train=train, source_rays=source_rays)
+    return self.denoise(x_t, t, z, keep, target_box, pose_keep, train=train,
+                        target_rays=target_rays)
+
+
+def pose_channels(pose: str, ray_freqs: int = DEFAULT_RAY_FREQS) -> int:
+  """Channels the pose map adds to the decoder input (for pose='rays', also to the encoder's
+  input, without the validity channel)."""
+  if pose == "rays":
+    return layers.ray_channels(ray_freqs) + 1
+  return POSE_CHANNELS[pose]
 
 
 def build_model(model: ml_collections.ConfigDict, *, image_channels: int,
                 dtype: Any = jnp.float32) -> SODA:
   """SODA from the `config.model` section (validated by config_checks beforehand)."""
+  return _build_2d_model(model, image_channels=image_channels, dtype=dtype).clone(
+      ray_freqs=model.get("ray_freqs", DEFAULT_RAY_FREQS))
+
+
+def _build_2d_model(model: ml_collections.ConfigDict, *, image_channels: int,
+                    dtype: Any = jnp.float32) -> SODA:
+  """The networks and the 2-D options; `build_model` adds the 3-D ones."""
   enc, dec = model.encoder, model.decoder
   encoder = ResNet(depth=enc.depth, version=enc.version, stem=enc.stem, width=enc.width,
                    num_groups=enc.get("num_groups", 32), dtype=dtype)
@@ -102,7 +146,9 @@ def build_model(model: ml_collections.ConfigDict, *, image_channels: int,
 def init_inputs(batch_size: int, image_size: int, channels: int, num_groups: int):
   """Dummy inputs with the right shapes for `model.init` / `jax.eval_shape`."""
   x = jnp.zeros((batch_size, image_size, image_size, channels), jnp.float32)
+  rays = jnp.zeros((batch_size, image_size, image_size, 6), jnp.float32)  # read by pose='rays'
   return dict(source=x, x_t=x, t=jnp.zeros((batch_size,)),
               keep=jnp.ones((batch_size, num_groups), bool),
               target_box=jnp.tile(jnp.array([[0., 0., 1., 1.]]), (batch_size, 1)),
-              pose_keep=jnp.ones((batch_size,), bool))
+              pose_keep=jnp.ones((batch_size,), bool),
+              source_rays=rays, target_rays=rays)

@@ -464,7 +464,7 @@ def _decoder_flops(config, exact: bool):
     return _attention_flops(n * n, c)
 
   time_dense0 = 2 * base * temb  # its input is a fixed sinusoid of t: no input gradient
-  pose_ch = soda.POSE_CHANNELS[m.pose]
+  pose_ch = soda.pose_channels(m.pose, m.get("ray_freqs", soda.DEFAULT_RAY_FREQS))
   conv_in = conv(sizes[0], config.data.channels + pose_ch, base)
   total = time_dense0 + 2 * temb * temb + conv_in
   skips, c = [base], base

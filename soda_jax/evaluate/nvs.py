@@ -1,0 +1,184 @@
+"""Novel view synthesis (3-D views): scores of DDIM samples of held-out views of test objects.
+
+For each of `evals.nvs_objects` test objects (`data.eval_split`), a fixed draw (seed, object)
+picks one target view and K_max source views; the K-view case uses the first K of them, so the
+1-view sources are among the 3-view ones and every method is scored on the same target views.
+Scored against the true target (PSNR and SSIM, images in [-1, 1], mean over objects):
+
+  soda            encode the K source views (+ rays), mean z, DDIM-sample the target camera
+                  (guidance w_z, w_p from config.diffusion)
+  nearest_view    copy the source view whose camera centre is closest to the target's
+  unconditional   the same model, same noise, latent dropped (pose kept): what the decoder
+                  makes of the target camera alone. It does not depend on K; each row repeats it.
+
+All samples start from the same x_T per object, so differences between rows are the methods'.
+Written: `workdir/nvs_eval.json`, a turntable grid PNG (`workdir/samples/nvs_turntable_*.png`:
+per object the K_max sources, then for several target cameras the true view and the sample),
+TensorBoard scalars `nvs/k<K>/<method>_<metric>` and the grid; a table is printed.
+"""
+import functools
+import json
+import os
+from typing import Any, Dict, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from soda_jax import diffusion
+from soda_jax.data import cameras, multiview, sources, views
+from soda_jax.evaluate import generate, metrics
+from soda_jax.models import soda
+
+METHODS = ("soda", "nearest_view", "unconditional")
+DATA_RANGE = 2.0  # images in [-1, 1]
+
+
+def heldout_examples(src: Any, num_objects: int, num_source_views: int,
+                     seed: int) -> Dict[str, np.ndarray]:
+  """`multiview.sample_example` of the first num_objects objects, drawn with rng (seed, i),
+  stacked, plus camera centres: source_centres (N, K, 3), target_centre (N, 3)."""
+  out = []
+  for i in range(min(int(num_objects), len(src))):
+    ex = multiview.sample_example(src, i, np.random.default_rng([int(seed), i]),
+                                  num_source_views)
+    centres = cameras.camera_centers(src.cameras(i)[0])
+    ex["source_centres"] = centres[ex["source_views"]].astype(np.float32)
+    ex["target_centre"] = centres[ex["target_view"]].astype(np.float32)
+    out.append(ex)
+  if not out:
+    raise ValueError(f"no objects to evaluate in {src!r} (num_objects={num_objects})")
+  return {k: np.stack([ex[k] for ex in out]) for k in out[0]}
+
+
+def nearest_view(source: np.ndarray, source_centres: np.ndarray,
+                 target_centre: np.ndarray):
+  """The source view (N, K, H, W, C) whose camera centre (N, K, 3) is closest to the target's
+  (N, 3): returns (images (N, H, W, C), chosen index (N,))."""
+  dist = np.linalg.norm(np.asarray(source_centres) - np.asarray(target_centre)[:, None], axis=-1)
+  idx = np.argmin(dist, axis=1)
+  return np.asarray(source)[np.arange(len(idx)), idx], idx
+
+
+def scores(images, target) -> Dict[str, float]:
+  """Mean PSNR and SSIM over the batch (data range 2: images in [-1, 1])."""
+  return {"psnr": float(jnp.mean(metrics.psnr(images, target, DATA_RANGE))),
+          "ssim": float(jnp.mean(metrics.ssim(images, target, DATA_RANGE)))}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "use_latent", "schedule", "pred_type",
+                                             "num_steps", "eta", "w_z", "w_p", "clip_x0"))
+def _sample(model, variables, source, source_rays, target_rays, rng, *, use_latent, schedule,
+            pred_type, num_steps, eta, w_z, w_p, clip_x0):
+  _, z = model.apply(variables, source, source_rays=source_rays, method=soda.SODA.encode)
+  b = target_rays.shape[0]
+
+  def predict(x_t, t, use_z, use_pose):
+    keep = jnp.full((b, model.num_subvectors), use_z and use_latent)
+    return model.apply(variables, x_t, t, z, keep, None, jnp.full((b,), use_pose),
+                       target_rays=target_rays, method=soda.SODA.denoise)
+
+  k_init, k_sample = jax.random.split(rng)
+  x_T = jax.random.normal(k_init, target_rays.shape[:-1] + source.shape[-1:], jnp.float32)
+  out = diffusion.ddim_sample(predict, x_T, rng=k_sample, num_steps=num_steps, eta=eta,
+                              schedule=schedule, pred_type=pred_type, w_z=w_z, w_p=w_p,
+                              clip_x0=clip_x0)
+  return jnp.clip(out, -1.0, 1.0)
+
+
+def sample_views(model: soda.SODA, variables: Any, source, source_rays, target_rays,
+                 rng: jax.Array, dcfg: ml_collections.ConfigDict,
+                 use_latent: bool = True) -> jax.Array:
+  """DDIM samples (B, H, W, C) of the target cameras `target_rays` (B, H, W, 6) given K source
+  views (B, K, H, W, C) and their rays; use_latent=False drops z (the unconditional model)."""
+  return _sample(model, variables, jnp.asarray(source), jnp.asarray(source_rays),
+                 jnp.asarray(target_rays), rng, use_latent=bool(use_latent),
+                 schedule=dcfg.schedule, pred_type=dcfg.pred_type,
+                 num_steps=int(dcfg.sample_steps), eta=float(dcfg.eta),
+                 w_z=float(dcfg.w_z) if use_latent else 1.0,  # no z: guidance on it is moot
+                 w_p=float(dcfg.w_p),
+                 clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
+
+
+def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects: int,
+                   num_cameras: int, rng: jax.Array, dcfg) -> Optional[np.ndarray]:
+  """uint8 grid, a row per object: its K source views | (true view, sample) at num_cameras
+  target cameras spread over the object's views (view indices (j * V) // num_cameras)."""
+  g = min(int(num_objects), len(ex["index"]))
+  if g == 0 or num_cameras == 0:
+    return None
+  size = src.image_size
+  trues, rays = [], []
+  for i in ex["index"][:g]:
+    w2c, k = src.cameras(int(i))
+    cams = (np.arange(num_cameras) * len(w2c)) // num_cameras
+    trues.append(views.to_unit_range(src.images(int(i), cams)))
+    rays.append(cameras.ray_map(w2c[cams], k[cams], size, size))
+  trues, rays = np.stack(trues), np.stack(rays)  # (G, T, S, S, 3 | 6)
+  rep = lambda a: np.repeat(a[:g], num_cameras, axis=0)  # (G * T, ...) object-major
+  samples = np.asarray(sample_views(model, variables, rep(ex["source"]), rep(ex["source_rays"]),
+                                    rays.reshape((-1,) + rays.shape[2:]), rng, dcfg))
+  samples = samples.reshape(trues.shape)
+  columns = [ex["source"][:g, j] for j in range(ex["source"].shape[1])]
+  for j in range(num_cameras):
+    columns += [trues[:, j], samples[:, j]]
+  return generate.image_grid(columns)
+
+
+def format_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+  lines = [f"{'views':>5}  {'method':<14}{'PSNR':>8}{'SSIM':>8}"]
+  for key, row in results.items():
+    for method, s in row.items():
+      lines.append(f"{key[1:]:>5}  {method:<14}{s['psnr']:8.2f}{s['ssim']:8.3f}")
+  return "\n".join(lines)
+
+
+def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any, workdir: str,
+             step: int, writer: Any = None) -> Dict[str, Any]:
+  """The NVS evaluation of `variables` (EMA params + their statistics); see the module doc.
+
+  Returns (and writes to workdir/nvs_eval.json) {'step', 'dataset', 'split', 'num_objects',
+  'image_size', 'sample_steps', 'w_z', 'w_p', 'source_views', 'results': {'k<K>': {method:
+  {'psnr', 'ssim'}}}}.
+  """
+  ev, dcfg = config.evals, config.diffusion
+  ks: Sequence[int] = sorted(set(int(k) for k in ev.nvs_source_views))
+  src = sources.get_source(config.data, config.data.eval_split)
+  ex = heldout_examples(src, ev.nvs_objects, max(ks), seed=config.seed)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x4E5653)  # 'NVS'
+  target = ex["target"]
+  one = slice(0, 1)
+  uncond = scores(sample_views(model, variables, ex["source"][:, one], ex["source_rays"][:, one],
+                               ex["target_rays"], rng, dcfg, use_latent=False), target)
+  results = {}
+  for k in ks:
+    sampled = sample_views(model, variables, ex["source"][:, :k], ex["source_rays"][:, :k],
+                           ex["target_rays"], rng, dcfg)
+    near, _ = nearest_view(ex["source"][:, :k], ex["source_centres"][:, :k], ex["target_centre"])
+    results[f"k{k}"] = {"soda": scores(sampled, target), "nearest_view": scores(near, target),
+                        "unconditional": dict(uncond)}
+  out = dict(step=int(step), dataset=config.data.name, split=config.data.eval_split,
+             num_objects=int(len(target)), image_size=int(src.image_size),
+             sample_steps=int(dcfg.sample_steps), w_z=float(dcfg.w_z), w_p=float(dcfg.w_p),
+             source_views=list(ks), results=results)
+  grid = turntable_grid(model, variables, src, ex, ev.nvs_grid_objects, ev.nvs_turntable,
+                        jax.random.fold_in(rng, 1), dcfg)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "nvs_eval.json"), "w") as f:
+      json.dump(out, f, indent=2)
+    if grid is not None:
+      path = generate.save_png(grid, os.path.join(workdir, "samples",
+                                                  f"nvs_turntable_{step:07d}.png"))
+      logging.info("Wrote %s", path)
+    print(f"\nNovel views after {step} steps ({out['num_objects']} {config.data.name} "
+          f"{config.data.eval_split} objects, {out['sample_steps']} DDIM steps):\n"
+          + format_table(results), flush=True)
+  if writer is not None:
+    writer.write_scalars(step, {f"nvs/{key}/{m}_{s}": v for key, row in results.items()
+                                for m, sc in row.items() for s, v in sc.items()})
+    if grid is not None:
+      writer.write_images(step, {"nvs_turntable": grid[None]})
+  return out
