@@ -14,6 +14,7 @@ with `ConfigMismatchError` naming the keys that differ.
 """
 import json
 import os
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
@@ -92,10 +93,30 @@ def _all_ok(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
+def _ignore_late_loop_callbacks() -> None:
+  """Silence one known race: after a read fails, TensorStore completes the other reads of that
+  restore on its own threads and their callbacks reach Orbax's already-closed event loop. Python
+  prints each as an unraisable `RuntimeError: Event loop is closed` traceback, after the
+  DamagedCheckpointError that says what happened. Every other unraisable goes to the old hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_soda_checkpointing", False):
+    return
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      logging.debug("Ignored a late TensorStore callback into a closed event loop.")
+      return
+    previous(unraisable)
+  hook._soda_checkpointing = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager`, always used with the `args=` API."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    _ignore_late_loop_callbacks()
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
