@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from soda_jax import diffusion, sharding
+from soda_jax import compile_once, diffusion, sharding
 from soda_jax.models import soda
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -127,9 +127,9 @@ def create_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
   Returns (state, state_shardings, number of leaves replicated because a dim was not divisible).
   """
   _, shardings, num_replicated = abstract_state(model, tx, config, mesh, rng)
-  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model, tx, config, r)),
-                 out_shardings=shardings)
-  return init(rng), shardings, num_replicated
+  state = compile_once.run(lambda r: nn.meta.unbox(_init_boxed(model, tx, config, r)), rng,
+                           out_shardings=shardings)
+  return state, shardings, num_replicated
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,

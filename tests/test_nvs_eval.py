@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from soda_jax import train, train_step as ts
+from soda_jax import compile_once, train, train_step as ts
 from soda_jax.evaluate import metrics, nvs
 from soda_jax.models import soda
 from tests.test_config_checks import load_config
@@ -35,7 +35,7 @@ def test_nearest_view_baseline_by_hand():
 def _tiny_model_and_variables(config):
   model = ts.build_model(config)
   inputs = soda.init_inputs(1, config.data.image_size, 3, model.num_subvectors)
-  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **inputs))
+  variables = nn.meta.unbox(compile_once.init(model, jax.random.PRNGKey(0), **inputs))
   # Noise on the zero-initialised layers, so the samples depend on z and the camera.
   leaves, treedef = jax.tree.flatten(variables["params"])
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soda_jax import config_base
+from soda_jax import compile_once, config_base
 from soda_jax.data import cameras
 from soda_jax.models import layers, soda
 
@@ -30,7 +30,7 @@ def _rays_model():
   m.ray_freqs = FREQS
   model = soda.build_model(m, image_channels=3)
   inputs = soda.init_inputs(B, IMG, 3, model.num_subvectors)
-  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **inputs))
+  variables = nn.meta.unbox(compile_once.init(model, jax.random.PRNGKey(0), **inputs))
   return model, {"params": _randomise(variables["params"])}
 
 

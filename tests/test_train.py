@@ -52,16 +52,17 @@ def test_one_step_is_sharded_as_the_rules_say(tmp_path, mesh_shape):
 
 @pytest.mark.slow
 def test_demo_loss_falls(tmp_path):
-  """The demo config's loss over its first 100 steps (on a 16x16 slice to keep CI fast): the
-  28x28 demo's falls from 0.71 (steps 1-25) to 0.13 (76-100), so 100 steps show it."""
+  """The demo config's loss over its first 60 steps (on a 16x16 slice to keep CI fast): the
+  28x28 demo's falls from 0.71 (steps 1-25) to 0.13 (76-100). Here, at batch 16 (measured):
+  0.750 (steps 1-10) -> 0.273 / 0.241 (41-50 / 51-60)."""
   c = config_base.override(load_config("demo"), {
-      "num_train_steps": 100, "log_every_steps": 20, "checkpoint_every_steps": 1000,
-      "batch_size": 32, "data.image_size": 16, "model.decoder.attention_resolutions": (4,),
+      "num_train_steps": 60, "log_every_steps": 10, "checkpoint_every_steps": 1000,
+      "batch_size": 16, "data.image_size": 16, "model.decoder.attention_resolutions": (4,),
       "evals.num_samples": 0, "evals.probe_every_steps": -1})
   out = train.train_and_evaluate(c, str(tmp_path))
   losses = [s["loss"] for _, s in out["history"]]
-  print("demo losses every 25 steps:", np.round(losses, 4))
-  assert np.mean(losses[-3:]) < 0.7 * losses[0], losses
+  print("demo losses every 10 steps:", np.round(losses, 4))
+  assert np.mean(losses[-2:]) < 0.7 * losses[0], losses
 
 
 def _params_of(workdir):
@@ -89,12 +90,12 @@ def _env():
 def test_resume_after_kill_is_bitwise_equal(tmp_path):
   """N steps in one go == SIGKILLed once >= N/2 steps are checkpointed, then resumed: bitwise.
 
-  CI runs N=80 (the property needs a kill between checkpoints, not length); SODA_RESUME_STEPS=2000
+  CI runs N=40 (the property needs a kill between checkpoints, not length); SODA_RESUME_STEPS=2000
   gives the issue's 2k (passed: 2047 s on 2 busy cores). The
   kill lands at an arbitrary point (possibly mid async save); resume must pick the newest
   *complete* checkpoint and replay data order and randomness exactly.
   """
-  steps = int(os.environ.get("SODA_RESUME_STEPS", "80"))
+  steps = int(os.environ.get("SODA_RESUME_STEPS", "40"))
   every = max(10, steps // 8)
   flags = [f"--config.num_train_steps={steps}", f"--config.checkpoint_every_steps={every}",
            "--config.log_every_steps=50", "--config.evals.num_samples=0"]
