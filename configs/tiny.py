@@ -16,7 +16,8 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 10
   c.diffusion.sample_steps = 4
   c.evals.num_samples = 4
-  c.evals.probe_every_steps = -1  # tests turn the probe on where they need it
+  c.evals.probe_every_steps = -1  # tests turn the probe and z-usage on where they need them
+  c.evals.z_usage_every_steps = -1
   c.evals.probe_train_examples = 256
   c.evals.probe_test_examples = 128
   return c

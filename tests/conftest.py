@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE = os.environ.get(
     "SODA_TEST_COMPILE_CACHE",
@@ -28,3 +29,52 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests (minutes); still run in CI")
+
+
+
+# Compile-time report: how much of each test's time is tracing, lowering and XLA compiling (or
+# loading from the cache), summed from JAX's monitoring events in the process that ran the test
+# (subprocesses not included) and shown at the end of the run beside pytest's --durations.
+_COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "compile",
+}
+_compile_seconds = dict.fromkeys(_COMPILE_EVENTS.values(), 0.0)
+
+
+def _on_duration(event, duration, **_):
+  kind = _COMPILE_EVENTS.get(event)
+  if kind:
+    _compile_seconds[kind] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
+  _compile_seconds.update(dict.fromkeys(_compile_seconds, 0.0))
+  yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
+  report = (yield).get_result()
+  if call.when == "teardown":  # setup + call + teardown; travels to the xdist controller
+    report.user_properties.append(("jax_compile_s", dict(_compile_seconds)))
+
+
+def pytest_terminal_summary(terminalreporter):
+  rows = [(sum(v.values()), r.nodeid, v)
+          for reports in terminalreporter.stats.values() for r in reports
+          for name, v in getattr(r, "user_properties", ()) if name == "jax_compile_s"]
+  if not rows:
+    return
+  rows.sort(key=lambda row: -row[0])
+  terminalreporter.write_sep("=", "JAX trace + lower + compile seconds per test (in-process)")
+  for s, nodeid, v in rows[:15]:
+    terminalreporter.write_line(f"{s:7.1f}s (trace {v['trace']:.1f}, lower {v['lower']:.1f}, "
+                                f"compile {v['compile']:.1f})  {nodeid}")
+  totals = {k: sum(v[k] for _, _, v in rows) for k in _compile_seconds}
+  terminalreporter.write_line("all tests: " + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items()))

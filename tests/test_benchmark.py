@@ -26,6 +26,9 @@ TOP_FIELDS = ("jax_version", "backend", "device_kind", "num_devices", "process_c
               "xla_flags", "compilation_cache_dir", "peak_tflops_per_device",
               "peak_tflops_source", "params", "results", "host_peak_rss_bytes")
 
+# One xdist worker runs this module: its shared fixtures and compiled programs are built once.
+pytestmark = pytest.mark.xdist_group("benchmark")
+
 
 @pytest.fixture(scope="module")
 def tiny_all():

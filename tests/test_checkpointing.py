@@ -15,19 +15,27 @@ from soda_jax import checkpointing, config_base, train, train_step as ts
 from soda_jax.data import pipeline
 from tests.test_config_checks import ROOT, load_config
 
+# One xdist worker runs this module: its shared fixtures and compiled programs are built once.
+pytestmark = pytest.mark.xdist_group("tiny20")
+
+
+# The tiny config's own 20 steps, so the train step is the one other tiny runs (resume) compile
+# and the suite's compilation cache serves it; 16 more steps cost less than a second compile.
+OLD, NEW = 10, 20
+
 
 def _tiny(**overrides):
   return config_base.override(load_config("tiny"), {
-      "num_train_steps": 4, "checkpoint_every_steps": 2, "log_every_steps": 2,
-      "evals.num_samples": 0, **overrides})
+      "checkpoint_every_steps": OLD, "log_every_steps": OLD, "evals.num_samples": 0,
+      **overrides})
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A workdir with checkpoints at steps 2 and 4 (one run, shared by the tests below)."""
+  """A workdir with checkpoints at steps OLD and NEW (one run, shared by the tests below)."""
   workdir = tmp_path_factory.mktemp("trained")
   train.train_and_evaluate(_tiny(), str(workdir))
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == [str(OLD), str(NEW)]
   return workdir
 
 
@@ -62,34 +70,34 @@ def _damage(step_dir, how):
 def test_damaged_newest_checkpoint_falls_back_to_intact_one(trained, tmp_path, how, caplog):
   workdir = tmp_path / "w"
   shutil.copytree(trained, workdir)
-  _damage(workdir / "checkpoints" / "4", how)
+  _damage(workdir / "checkpoints" / str(NEW), how)
   config = _tiny()
   abstract = _abstract(config)
   ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
-  expected = ckpt.restore_raw(2)["params"]
+  expected = ckpt.restore_raw(OLD)["params"]
   data_iter = pipeline.make_train_iterator(config, seed=config.seed)
   with caplog.at_level(logging.WARNING):
     step, state = ckpt.restore_latest(abstract, data_iter, config)
-  assert step == 2 and int(state.step) == 2
+  assert step == OLD and int(state.step) == OLD
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), expected)
-  assert any("Checkpoint step 4 in" in r.getMessage() and "is damaged" in r.getMessage()
+  assert any(f"Checkpoint step {NEW} in" in r.getMessage() and "is damaged" in r.getMessage()
              for r in caplog.records), [r.getMessage() for r in caplog.records]
   # Asked for explicitly, the damaged step is a one-line error naming it.
   with pytest.raises(checkpointing.DamagedCheckpointError) as e:
-    ckpt.restore(4, abstract, config=config)
-  assert str(e.value).startswith(f"Checkpoint step 4 in {workdir}/checkpoints is damaged")
+    ckpt.restore(NEW, abstract, config=config)
+  assert str(e.value).startswith(f"Checkpoint step {NEW} in {workdir}/checkpoints is damaged")
   assert "\n" not in str(e.value)
   ckpt.close()
 
 
 def test_checkpoint_from_another_config_names_the_keys(trained):
-  config = _tiny(**{"model.latent_dim": 11})
+  config = _tiny(**{"model.latent_dim": 11, "num_train_steps": 2 * NEW})
   ckpt = checkpointing.Checkpointer(str(trained), async_save=False)
   with pytest.raises(checkpointing.ConfigMismatchError) as e:
     ckpt.restore_latest(_abstract(config), None, config)
   ckpt.close()
   msg = str(e.value)
-  assert "Checkpoint step 4 in" in msg
+  assert f"Checkpoint step {NEW} in" in msg
   assert "config.model.latent_dim: checkpoint has 24, this run has 11" in msg
   assert "arrays differ in shape" in msg
   assert "num_train_steps" not in msg  # harmless differences are not listed
@@ -103,14 +111,14 @@ def _run(module, *flags):
 
 
 def test_cli_errors_are_one_message_without_traceback(trained, tmp_path):
-  """evaluate --step=4 of a damaged step; main on another config's checkpoint."""
+  """evaluate --step=NEW of a damaged step; main on another config's checkpoint."""
   workdir = tmp_path / "w"
   shutil.copytree(trained, workdir)
-  _damage(workdir / "checkpoints" / "4", "truncate")
-  p = _run("soda_jax.evaluate", f"--workdir={workdir}", "--step=4")
+  _damage(workdir / "checkpoints" / str(NEW), "truncate")
+  p = _run("soda_jax.evaluate", f"--workdir={workdir}", f"--step={NEW}")
   assert p.returncode != 0
   assert "Traceback" not in p.stderr, p.stderr[-3000:]
-  assert f"Error: Checkpoint step 4 in {workdir}/checkpoints is damaged" in p.stderr
+  assert f"Error: Checkpoint step {NEW} in {workdir}/checkpoints is damaged" in p.stderr
   p = _run("soda_jax.main", f"--workdir={trained}", "--config.model.latent_dim=11")
   assert p.returncode != 0
   assert "Traceback" not in p.stderr, p.stderr[-3000:]

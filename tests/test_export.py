@@ -36,6 +36,9 @@ needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch/torchvision not im
 HAS_ONNX = HAS_TORCH and all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnxscript"))
 TOL_TORCH = 1e-4
 TOL_HLO = 1e-5
+# One xdist worker runs this module (and the export notebook): the trained R18 and its exports
+# are built once, and the notebook (same config) finds their programs in the compilation cache.
+pytestmark = pytest.mark.xdist_group("export")
 
 
 def _config(depth, stem, width=8, image_size=16):

@@ -12,7 +12,8 @@ from tests.test_config_checks import load_config
 
 @pytest.mark.slow
 def test_curve_points_resume_and_plot(tmp_path):
-  c = config_base.override(load_config("tiny"), {"num_train_steps": 4, "evals.num_samples": 0})
+  c = config_base.override(load_config("tiny"), {"num_train_steps": 4, "evals.num_samples": 0,
+                                                    "evals.z_usage_every_steps": 0})
   out = learning_curve.run(c, str(tmp_path), seeds=[0], eval_steps=[0, 4])
   pts = out["curves"]["0"]
   assert [p["step"] for p in pts] == [0, 4]

@@ -11,6 +11,7 @@ import pytest
 
 from soda_jax import compile_once, config_base, diffusion
 from soda_jax.models import layers, soda
+from tests.random_params import perturbed
 
 IMG = 16
 B = 4
@@ -24,22 +25,13 @@ def _model(modulation="layer", pose="none", **model_overrides):
   return soda.build_model(m, image_channels=1), m
 
 
-def _randomise(params, seed=1, scale=0.2):
-  """Add noise to every param: the zero-initialised output convs and latent projections would
-  otherwise make the decoder ignore z (and output zeros) at init."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [
-      p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-
 @functools.lru_cache(maxsize=None)
 def _setup(modulation):
   """(model, jitted run(z, keep) -> (output, {block: raw latent projection})) with random params."""
   model, _ = _model(modulation)
   inputs = soda.init_inputs(B, IMG, 1, model.num_subvectors)
   variables = nn.meta.unbox(compile_once.init(model, jax.random.PRNGKey(0), **inputs))
-  params = _randomise(variables["params"])
+  params = perturbed(variables["params"])
   rng = np.random.default_rng(0)
   x_t = jnp.asarray(rng.normal(size=(B, IMG, IMG, 1)), jnp.float32)
   t = jnp.full((B,), 0.5)
@@ -54,6 +46,10 @@ def _setup(modulation):
     return out, proj
 
   return model, run
+
+
+# The tests that use `_setup` share one xdist worker, so its two models are built once.
+SHARED = pytest.mark.xdist_group("models_setup")
 
 
 @pytest.fixture(params=["layer", "global"])
@@ -77,6 +73,7 @@ def test_split_sizes():
   assert sum(soda.split_sizes(130, 4)) == 130
 
 
+@SHARED
 def test_layer_modulation_only_reaches_its_levels():
   model, run = _setup("layer")
   keep = jnp.ones((B, model.num_subvectors), bool)
@@ -93,6 +90,7 @@ def test_layer_modulation_only_reaches_its_levels():
     assert expected and changed == expected, (g, sorted(changed))
 
 
+@SHARED
 def test_masked_subvector_is_bitwise_ignored(setup):
   model, run = setup
   z = _z(model)
@@ -106,6 +104,7 @@ def test_masked_subvector_is_bitwise_ignored(setup):
     assert not np.allclose(out, out_kept)  # unmasked: the change reaches the output
 
 
+@SHARED
 def test_fully_masked_equals_unmodulated(setup):
   """All sub-vectors masked == a model whose latent projections are zero (= unconditional)."""
   model, run = setup
@@ -115,6 +114,7 @@ def test_fully_masked_equals_unmodulated(setup):
   np.testing.assert_array_equal(out_masked, out_other)
 
 
+@SHARED
 def test_global_mode_uses_all_of_z_everywhere():
   model, run = _setup("global")
   assert model.num_subvectors == 1
@@ -143,7 +143,7 @@ def test_box_pose_reaches_decoder_and_drop_removes_it():
   model, _ = _model(pose="box")
   inputs = soda.init_inputs(B, IMG, 1, model.num_subvectors)
   variables = nn.meta.unbox(compile_once.init(model, jax.random.PRNGKey(0), **inputs))
-  variables = {"params": _randomise(variables["params"])}
+  variables = {"params": perturbed(variables["params"])}
   x_t = jax.random.normal(jax.random.PRNGKey(1), (B, IMG, IMG, 1))
   t, z = jnp.full((B,), 0.5), _z(model)
   keep = jnp.ones((B, model.num_subvectors), bool)
@@ -242,7 +242,7 @@ def test_remat_and_bf16_paths():
   keep = jnp.ones((2, plain.num_subvectors), bool)
   inputs = soda.init_inputs(2, IMG, 1, plain.num_subvectors)
   params = nn.meta.unbox(compile_once.init(plain, jax.random.PRNGKey(0), **inputs))["params"]
-  params = _randomise(params)
+  params = perturbed(params)
 
   def loss(model):
     return jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply(

@@ -11,6 +11,7 @@ import pytest
 from soda_jax import compile_once, train, train_step as ts
 from soda_jax.evaluate import metrics, nvs
 from soda_jax.models import soda
+from tests.random_params import perturbed
 from tests.test_config_checks import load_config
 
 
@@ -37,11 +38,7 @@ def _tiny_model_and_variables(config):
   inputs = soda.init_inputs(1, config.data.image_size, 3, model.num_subvectors)
   variables = nn.meta.unbox(compile_once.init(model, jax.random.PRNGKey(0), **inputs))
   # Noise on the zero-initialised layers, so the samples depend on z and the camera.
-  leaves, treedef = jax.tree.flatten(variables["params"])
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape)
-                                        for p, k in zip(leaves, keys)])
-  return model, {**variables, "params": params}
+  return model, {**variables, "params": perturbed(variables["params"], seed=1, scale=0.05)}
 
 
 def test_nvs_evaluate_tiny(tmp_path):

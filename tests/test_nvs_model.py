@@ -6,21 +6,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from soda_jax import compile_once, config_base
 from soda_jax.data import cameras
 from soda_jax.models import layers, soda
+from tests.random_params import perturbed
 
 IMG, B, FREQS = 16, 2, 2
+# One xdist worker runs this module: the lru-cached model is initialised once.
+pytestmark = pytest.mark.xdist_group("nvs_model")
 
 
-def _randomise(params, seed=1, scale=0.2):
-  """Noise on every param: zero-initialised output convs / latent projections would otherwise
-  hide whether an input reaches the output."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [p + scale * jax.random.normal(k, p.shape)
-                                      for p, k in zip(leaves, keys)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,7 +28,7 @@ def _rays_model():
   model = soda.build_model(m, image_channels=3)
   inputs = soda.init_inputs(B, IMG, 3, model.num_subvectors)
   variables = nn.meta.unbox(compile_once.init(model, jax.random.PRNGKey(0), **inputs))
-  return model, {"params": _randomise(variables["params"])}
+  return model, {"params": perturbed(variables["params"])}
 
 
 def _rays(seed):

@@ -5,7 +5,7 @@ import numpy as np
 from soda_jax import config_base, sharding, train_step as ts
 from soda_jax.evaluate import z_usage
 from tests.test_config_checks import load_config
-from tests.test_models import _randomise
+from tests.random_params import perturbed
 
 
 def test_z_usage_is_one_at_init_and_sees_a_decoder_that_uses_z():
@@ -24,7 +24,7 @@ def test_z_usage_is_one_at_init_and_sees_a_decoder_that_uses_z():
         init[f"z_usage/dropped_t{t}"] > 0
     assert init[f"z_usage/gain_t{t}"] == 1.0
   # Random (non-zero) latent projections: the error depends on which z is given.
-  used = fn({"params": _randomise(jax.device_get(state.params))})
+  used = fn({"params": perturbed(jax.device_get(state.params))})
   for t in ("0.5", "0.9"):
     assert used[f"z_usage/true_t{t}"] != used[f"z_usage/shuffled_t{t}"]
     assert used[f"z_usage/true_t{t}"] != used[f"z_usage/dropped_t{t}"]
