@@ -15,19 +15,17 @@ from soda_jax import checkpointing, config_base, train, train_step as ts
 from soda_jax.data import pipeline
 from tests.test_config_checks import ROOT, load_config
 
-# One xdist worker runs this module: its shared fixtures and compiled programs are built once.
-pytestmark = pytest.mark.xdist_group("tiny20")
+# The tiny runs (this module's fixture, resume, SIGTERM, the quickstart notebook) share one xdist
+# worker: tiny.py's train step does not depend on the run length, so one compile serves them all.
+pytestmark = pytest.mark.xdist_group("tiny_train")
 
-
-# The tiny config's own 20 steps, so the train step is the one other tiny runs (resume) compile
-# and the suite's compilation cache serves it; 16 more steps cost less than a second compile.
-OLD, NEW = 10, 20
+OLD, NEW = 2, 4  # the checkpointed steps of the shared run
 
 
 def _tiny(**overrides):
   return config_base.override(load_config("tiny"), {
-      "checkpoint_every_steps": OLD, "log_every_steps": OLD, "evals.num_samples": 0,
-      **overrides})
+      "num_train_steps": NEW, "checkpoint_every_steps": OLD, "log_every_steps": OLD,
+      "evals.num_samples": 0, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -81,3 +81,16 @@ def test_calibrated_batch_stats_match_the_data():
   # calibrated residual is not ~0 after 80 passes over one batch is not yet understood.
   assert err(cal_h) < 0.25 * err(init_h), (err(cal_h), err(init_h))
   jax.tree.map(np.testing.assert_array_equal, cal["params"], v0["params"])  # weights untouched
+
+
+def test_lr_schedule_warmup_then_cosine_or_constant():
+  c = config_base.override(load_config("tiny"), {
+      "num_train_steps": 100, "optim.warmup_steps": 10, "optim.lr": 1e-3,
+      "optim.lr_schedule": "cosine"})
+  lr = lambda cfg, s: float(ts.lr_schedule(cfg)(s))  # noqa: E731
+  np.testing.assert_allclose([lr(c, s) for s in (0, 5, 10)], [0.0, 5e-4, 1e-3], rtol=1e-6)
+  # Cosine from the end of warm-up to 0 at num_train_steps: half-way (step 55) is lr / 2.
+  np.testing.assert_allclose([lr(c, 55), lr(c, 100)], [5e-4, 0.0], rtol=1e-5, atol=1e-9)
+  const = config_base.override(c, {"optim.lr_schedule": "constant"})
+  np.testing.assert_allclose([lr(const, s) for s in (5, 10, 55, 100, 10**6)],
+                             [5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-6)
