@@ -27,6 +27,21 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """`--dist loadgroup` for pytest 9: xdist 3.8 tags grouped tests by rewriting `item._nodeid`,
+  which pytest 9 no longer reads (node ids live in `item._id`), so its groups were silently
+  ignored (a module fixture was built once per worker). Same tag, set where pytest 9 reads it."""
+  if not getattr(config.option, "loadgroup", False) or not items or not hasattr(items[0], "_id"):
+    return
+  from _pytest.nodeid import NodeId  # pylint: disable=g-import-not-at-top
+  for item in items:
+    groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+              for m in item.iter_markers("xdist_group")}
+    if groups and "@" not in item.nodeid:
+      item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")  # pylint: disable=protected-access
+
+
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests (minutes); still run in CI")
 
