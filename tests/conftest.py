@@ -39,17 +39,18 @@ def pytest_collection_modifyitems(config, items):
     groups = {str(m.args[0] if m.args else m.kwargs.get("name", "default"))
               for m in item.iter_markers("xdist_group")}
     if groups and "@" not in item.nodeid:
-      item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")  # pylint: disable=protected-access
+      tagged = f"{item.nodeid}@{'_'.join(sorted(groups))}"
+      item._id = NodeId.parse(tagged)  # pylint: disable=protected-access
 
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: end-to-end tests (minutes); still run in CI")
 
 
-
 # Compile-time report: how much of each test's time is tracing, lowering and XLA compiling (or
 # loading from the cache), summed from JAX's monitoring events in the process that ran the test
 # (subprocesses not included) and shown at the end of the run beside pytest's --durations.
+# 'lower' can include waiting for earlier asynchronously dispatched work to finish.
 _COMPILE_EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace",
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
