@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from soda_jax import compile_once
 from soda_jax.models import resnet
 from soda_jax.models.resnet import ResNet, STAGE_SIZES, torchvision_name
 
@@ -138,7 +139,7 @@ def _tiny(version):
 def test_v15_forward_batchnorm():
   model = _tiny("v1.5")
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  variables = jax.jit(model.init, static_argnames="train")(RNG, x, train=False)
+  variables = compile_once.init(model, RNG, x=x, train=False)
 
   @jax.jit
   def train_fwd(variables, x):
@@ -164,7 +165,7 @@ def test_v15_forward_batchnorm():
 def test_v2_forward_groupnorm():
   model = _tiny("v2")
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 7))
-  variables = jax.jit(model.init, static_argnames="train")(RNG, x, train=False)
+  variables = compile_once.init(model, RNG, x=x, train=False)
   assert set(variables) == {"params"}
   fwd = jax.jit(model.apply, static_argnames="train")
   h = fwd(variables, x, train=True)

@@ -47,7 +47,7 @@ def train_supervised_encoder(config, images, labels, num_classes: int, mesh):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from soda_jax import sharding, train_step as ts  # pylint: disable=g-import-not-at-top
+  from soda_jax import compile_once, sharding, train_step as ts  # pylint: disable=g-import-not-at-top
 
   class Classifier(nn.Module):
     encoder: nn.Module
@@ -57,7 +57,9 @@ def train_supervised_encoder(config, images, labels, num_classes: int, mesh):
       return nn.Dense(num_classes, name="head")(self.encoder(x, train=train))
 
   clf = Classifier(ts.build_model(config).encoder)
-  variables = nn.meta.unbox(clf.init(jax.random.PRNGKey(config.seed), images[:1], train=False))
+  # One init program at backend level 0, not op-by-op init (a threefry compile per leaf shape).
+  variables = nn.meta.unbox(compile_once.init(clf, jax.random.PRNGKey(config.seed),
+                                              x=images[:1], train=False))
   params, stats = variables["params"], variables.get("batch_stats", {})
   tx = ts.make_optimizer(config)  # SODA's optimiser and schedule, on {'encoder', 'head'}
   opt = tx.init(params)
