@@ -119,7 +119,7 @@ class ResBlock(nn.Module):
 
     h = conv(silu(GN(x)))
     h = GN(h) * (1 + s_t) + b_t          # time
-    h = h * (1 + s_z) + b_z              # latent; (s_z, b_z) = keep * Dense_0init(z_sub)
+    h = h * (1 + s_z) + b_z              # latent; (s_z, b_z) = keep * Dense(z_sub)
     out = skip(x) + conv_0init(dropout(silu(h)))
 
   A masked sub-vector (keep=False) gives s_z = b_z = 0 exactly, whatever its values: its layers
@@ -129,7 +129,7 @@ class ResBlock(nn.Module):
   num_groups: int = 32
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
-  latent_init: str = "zero"  # 'zero' | 'lecun': init of latent_proj (soda.LATENT_INITS)
+  latent_init: str = "lecun"  # 'lecun' | 'zero': init of latent_proj (soda.LATENT_INITS)
 
   @nn.compact
   def __call__(self, x, t_emb, z_sub, z_keep, train: bool):

@@ -38,7 +38,7 @@ class UNet(nn.Module):
   num_groups: int = 32
   dtype: Dtype = jnp.float32
   remat: bool = False
-  latent_init: str = "zero"
+  latent_init: str = "lecun"
 
   @nn.compact
   def __call__(self, x, t, mods: Sequence[Modulation], pose_map=None, *, train: bool):
