@@ -46,8 +46,9 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   m.modulation = "layer"  # 'layer' (SODA) | 'global' (whole z to every block)
   m.pose = "none"  # 'none' | 'box' (target crop box relative to the source, as a pose map)
   # Init of each block's latent projection: 'lecun' | 'zero'. With 'zero' (and the zero output
-  # conv of every res block) the encoder gets no gradient until both have grown; 'lecun' lifted
-  # the demo's k-NN from 66.3 to 74.6-76.1 over three seeds, probe 79.1 (docs/benchmarks.md).
+  # conv of every res block) the encoder gets no gradient until both have grown. On the demo
+  # 'lecun' ends at k-NN 74.6-76.1 over three seeds where 'zero' fell to 66-70, probe 79.1
+  # (docs/benchmarks.md, session 7).
   # z still has no effect at init: each res block's zero-initialised conv_1 comes after it.
   m.latent_init = "lecun"
   m.latent_act = "none"  # on z before the projections: 'none' | 'silu
