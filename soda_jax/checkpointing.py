@@ -12,6 +12,7 @@ warning naming the damaged one; `restore` of an explicitly requested step raises
 array shapes are compared with this run's: a checkpoint written by another model config fails
 with `ConfigMismatchError` naming the keys that differ.
 """
+import functools
 import json
 import os
 import sys
@@ -112,6 +113,7 @@ def _ignore_late_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+@functools.cache  # one registration per process, however many Checkpointers
 def _save_arrays_whole_on_cpu() -> None:
   """On the CPU backend, save each array shard whole instead of split across its replicas.
 

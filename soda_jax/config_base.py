@@ -51,7 +51,7 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # (docs/benchmarks.md, session 7).
   # z still has no effect at init: each res block's zero-initialised conv_1 comes after it.
   m.latent_init = "lecun"
-  m.latent_act = "none"  # on z before the projections: 'none' | 'silu
+  m.latent_act = "none"  # on z before the projections: 'none' | 'silu'
   dec = dict(num_heads=0, remat=False)
   dec.update(v["decoder"])
   m.decoder = ml_collections.ConfigDict(dec)

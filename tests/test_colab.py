@@ -8,7 +8,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# Each notebook's smoke config is one other tests train (tests/test_export.py's R18, tiny.py): the same xdist worker runs them, so their programs come from the compilation cache.
+# Each notebook's smoke config is one other tests train (tests/test_export.py's R18, tiny.py):
+# the same xdist worker runs them, so their programs come from the compilation cache.
 _GROUPS = {"export.ipynb": "export", "soda_quickstart.ipynb": "tiny_train"}
 
 

@@ -18,8 +18,6 @@ IMG, B, FREQS = 16, 2, 2
 pytestmark = pytest.mark.xdist_group("nvs_model")
 
 
-
-
 @functools.lru_cache(maxsize=None)
 def _rays_model():
   m = config_base.model_config("tiny")
