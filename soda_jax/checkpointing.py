@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from absl import logging
+from absl import flags, logging
 import grain
 import jax
 from jax.experimental import multihost_utils
@@ -129,12 +129,27 @@ def _save_arrays_whole_on_cpu() -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+@functools.cache
+def _barriers_through_coordination_service() -> None:
+  """With several processes, Orbax's barriers wait on JAX's coordination service (a timeout we
+  choose), not on a psum over every device (its default).
+
+  The psum runs on the collectives backend, which on CPU is gloo: a peer that arrives more than
+  30 s late fails the job (gloo's fixed timeout), and with async saves the psum is issued from
+  Orbax's commit thread while the main thread's train steps issue their own collectives on the
+  same devices. Both showed up in the 2-process CPU test (docs/benchmarks.md, issue 13).
+  """
+  if jax.process_count() > 1:
+    flags.FLAGS["experimental_orbax_use_distributed_barrier"].parse("true")  # also unparsed
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager`, always used with the `args=` API."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     _ignore_late_loop_callbacks()
     _save_arrays_whole_on_cpu()
+    _barriers_through_coordination_service()
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -240,9 +255,16 @@ class Checkpointer:
     return None, None
 
   def restore_raw(self, step: int) -> Any:
-    """The saved state as host numpy arrays, without a target (inspection, comparisons)."""
+    """The saved state as host numpy arrays, whatever devices wrote it (inspection, export,
+    comparisons): e.g. a pod's or a 2-process run's checkpoint read on one machine.
+
+    A numpy target built from the stored metadata; without one, Orbax restores jax arrays onto
+    the devices that wrote them and refuses ("Topology mismatch") when those are not here.
+    """
+    stored = self._manager.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(stored, "tree", stored))
     return self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
   def close(self):
     self._manager.wait_until_finished()

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from soda_jax import compile_once, diffusion, sharding
+from soda_jax import compile_once, diffusion, multihost, sharding
 from soda_jax.models import soda
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -175,8 +175,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
 
 def jit_train_step(model, tx, config, mesh, state_shardings) -> Callable:
   """The jitted step: state donated, batch split over all devices, metrics replicated."""
-  return jax.jit(
+  return multihost.compile_then_meet(jax.jit(
       functools.partial(train_step, model=model, tx=tx, config=config),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+      donate_argnums=(0,)), "train_step")

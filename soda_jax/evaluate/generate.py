@@ -9,18 +9,18 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from soda_jax import diffusion
+from soda_jax import diffusion, multihost
 from soda_jax.models import soda
 
 IDENTITY_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "schedule", "pred_type", "num_steps",
-                                             "eta", "w_z", "w_p", "clip_x0"))
-def _generate(model, variables, source, target_box, rng, *, schedule, pred_type, num_steps, eta,
-              w_z, w_p, clip_x0):
-  _, z = model.apply(variables, source, method=soda.SODA.encode)
-  b = source.shape[0]
+_STATIC = ("model", "schedule", "pred_type", "num_steps", "eta", "w_z", "w_p", "clip_x0")
+
+
+def _ddim_from_z(model, variables, z, target_box, rng, image_shape, *, schedule, pred_type,
+                 num_steps, eta, w_z, w_p, clip_x0):
+  b = z.shape[0]
 
   def predict(x_t, t, use_latent, use_pose):
     keep = jnp.full((b, model.num_subvectors), use_latent)
@@ -29,10 +29,40 @@ def _generate(model, variables, source, target_box, rng, *, schedule, pred_type,
                        method=soda.SODA.denoise)
 
   k_init, k_sample = jax.random.split(rng)
-  x_T = jax.random.normal(k_init, source.shape, jnp.float32)
+  x_T = jax.random.normal(k_init, (b,) + tuple(image_shape), jnp.float32)
   return diffusion.ddim_sample(predict, x_T, rng=k_sample, num_steps=num_steps, eta=eta,
                                schedule=schedule, pred_type=pred_type, w_z=w_z, w_p=w_p,
                                clip_x0=clip_x0)
+
+
+@functools.partial(multihost.compile_then_meet, name="generate")
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate(model, variables, source, target_box, rng, *, schedule, pred_type, num_steps, eta,
+              w_z, w_p, clip_x0):
+  _, z = model.apply(variables, source, method=soda.SODA.encode)
+  return _ddim_from_z(model, variables, z, target_box, rng, source.shape[1:],
+                      schedule=schedule, pred_type=pred_type, num_steps=num_steps, eta=eta,
+                      w_z=w_z, w_p=w_p, clip_x0=clip_x0)
+
+
+@functools.partial(multihost.compile_then_meet, name="decode")
+@functools.partial(jax.jit, static_argnames=_STATIC + ("image_shape",))
+def _decode(model, variables, z, target_box, rng, *, image_shape, schedule, pred_type, num_steps,
+            eta, w_z, w_p, clip_x0):
+  return _ddim_from_z(model, variables, z, target_box, rng, image_shape,
+                      schedule=schedule, pred_type=pred_type, num_steps=num_steps, eta=eta,
+                      w_z=w_z, w_p=w_p, clip_x0=clip_x0)
+
+
+def _sampler_kwargs(dcfg: ml_collections.ConfigDict, num_steps: Optional[int]) -> dict:
+  return dict(schedule=dcfg.schedule, pred_type=dcfg.pred_type,
+              num_steps=int(num_steps or dcfg.sample_steps), eta=float(dcfg.eta),
+              w_z=float(dcfg.w_z), w_p=float(dcfg.w_p),
+              clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
+
+
+def _identity_boxes(b: int) -> jax.Array:
+  return jnp.tile(jnp.asarray([IDENTITY_BOX], jnp.float32), (b, 1))
 
 
 def generate(model: soda.SODA, variables: Any, source: jax.Array, rng: jax.Array,
@@ -41,11 +71,24 @@ def generate(model: soda.SODA, variables: Any, source: jax.Array, rng: jax.Array
   """Encode `source` (B, H, W, C) and sample the view at `target_box` (default: the same view,
   i.e. reconstruction). Returns images in [-1, 1] (clipped)."""
   if target_box is None:
-    target_box = jnp.tile(jnp.asarray([IDENTITY_BOX], jnp.float32), (source.shape[0], 1))
-  out = _generate(model, variables, source, target_box, rng, schedule=dcfg.schedule,
-                  pred_type=dcfg.pred_type, num_steps=int(num_steps or dcfg.sample_steps),
-                  eta=float(dcfg.eta), w_z=float(dcfg.w_z), w_p=float(dcfg.w_p),
-                  clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
+    target_box = _identity_boxes(source.shape[0])
+  out = _generate(model, variables, source, target_box, rng, **_sampler_kwargs(dcfg, num_steps))
+  return jnp.clip(out, -1.0, 1.0)
+
+
+def decode(model: soda.SODA, variables: Any, z: jax.Array, rng: jax.Array,
+           dcfg: ml_collections.ConfigDict, image_shape: Sequence[int],
+           target_box: Optional[jax.Array] = None,
+           num_steps: Optional[int] = None) -> jax.Array:
+  """Sample images (B, *image_shape) from given latents z (B, latent_dim): for latents that no
+  image produced (interpolations, sub-vector swaps, traversals). Same sampler as `generate`."""
+  z = jnp.asarray(z, jnp.float32)
+  if z.ndim != 2 or z.shape[1] != model.latent_dim:
+    raise ValueError(f"z has shape {z.shape}; expected (B, {model.latent_dim})")
+  if target_box is None:
+    target_box = _identity_boxes(z.shape[0])
+  out = _decode(model, variables, z, target_box, rng,
+                image_shape=tuple(int(d) for d in image_shape), **_sampler_kwargs(dcfg, num_steps))
   return jnp.clip(out, -1.0, 1.0)
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from soda_jax import sharding
+from soda_jax import multihost, sharding
 from soda_jax.data import pipeline
 from soda_jax.evaluate import generate, metrics, probe
 from soda_jax.models import soda
@@ -27,8 +27,9 @@ def map_batches(fn, variables, images: np.ndarray, mesh, batch_size: int) -> Tup
   """
   n = images.shape[0]
   batch_size = max(mesh.size, (batch_size // mesh.size) * mesh.size)
-  fn = jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-               out_shardings=sharding.replicated(mesh))
+  fn = multihost.compile_then_meet(
+      jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+              out_shardings=sharding.replicated(mesh)), "map_batches")
   variables = jax.device_put(variables, sharding.replicated(mesh))
   outs = []
   for i in range(0, n, batch_size):

@@ -9,6 +9,7 @@ If z carries what the target needs, true < dropped < shuffled, and the gap grows
 noise the target is hidden and only z can say what it was). `gain` = shuffled / true: 1 means the
 decoder ignores z. Logged during training, it shows *when* the encoder starts to matter.
 """
+import functools
 from typing import Callable, Dict, Sequence
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from soda_jax import config_base, diffusion
+from soda_jax import config_base, diffusion, multihost
 from soda_jax.data import pipeline
 from soda_jax.models import soda
 
@@ -43,6 +44,7 @@ def make_z_usage_fn(model: soda.SODA, config: ml_collections.ConfigDict,
   all_keep = jnp.ones((b, model.num_subvectors), bool)
   pose_keep = jnp.ones((b,), bool)
 
+  @functools.partial(multihost.compile_then_meet, name="z_usage")
   @jax.jit
   def errors(variables):
     _, z = model.apply(variables, batch["source"], method=soda.SODA.encode)

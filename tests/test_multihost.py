@@ -1,0 +1,58 @@
+"""compile_then_meet: with several processes, each new input signature is compiled, then every
+process meets at a barrier, then it runs; the run itself reuses that compile. (The real
+2-process behaviour is tests/test_multiprocess.py; here process_count and the barrier are faked.)"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from soda_jax import multihost
+
+
+@pytest.fixture
+def compiles():
+  """[number of XLA compiles so far in this test]."""
+  count = [0]
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      count[0] += 1
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  yield count
+  jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_compile_then_meet_orders_compile_barrier_run(monkeypatch, compiles):
+  events = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost, "barrier",
+                      lambda name: events.append(("barrier", name, compiles[0])))
+
+  @functools.partial(multihost.compile_then_meet, name="f")
+  @functools.partial(jax.jit, static_argnames=("k",))
+  def f(x, k):
+    events.append(("trace", x.shape))
+    return jnp.sin(x) * k
+
+  x3, y3, x5 = np.ones(3, np.float32), np.zeros(3, np.float32), np.ones(5, np.float32)
+  start = compiles[0]
+  np.testing.assert_allclose(f(x3, k=2.0), 2 * np.sin(1.0) * np.ones(3), rtol=1e-6)
+  after_first = compiles[0]
+  f(y3, k=2.0)  # same signature: no compile, no barrier
+  f(x5, k=2.0)  # new shape: compile + barrier again
+  f(x5, k=3.0)  # new static argument: likewise
+  barriers = [e for e in events if e[0] == "barrier"]
+  assert [b[1] for b in barriers] == ["compiled/f"] * 3
+  assert after_first - start == 1  # the call reused the AOT compile
+  assert barriers[0][2] == after_first  # the barrier came after the compile, before the run
+  assert [e for e in events if e[0] == "trace"] == [("trace", (3,)), ("trace", (5,)),
+                                                    ("trace", (5,))]
+
+
+def test_one_process_is_a_plain_call(monkeypatch):
+  monkeypatch.setattr(multihost, "barrier", lambda name: (_ for _ in ()).throw(AssertionError))
+  f = multihost.compile_then_meet(jax.jit(lambda x: x + 1), "g")
+  assert int(f(np.int32(1))) == 2
