@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -10,7 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each notebook's smoke config is one other tests train (tests/test_export.py's R18, tiny.py):
 # the same xdist worker runs them, so their programs come from the compilation cache.
-_GROUPS = {"export.ipynb": "export", "soda_quickstart.ipynb": "tiny_train"}
+_GROUPS = {"export.ipynb": "export", "soda_quickstart.ipynb": "tiny_train",
+           "explore.ipynb": "tiny_train"}
 
 
 @pytest.mark.slow
@@ -28,6 +30,16 @@ def test_notebook_runs(name, monkeypatch, tmp_path):
   for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
     src = "".join(cell["source"]).replace("/tmp/soda_colab", str(tmp_path))
     exec(compile(src, f"{name}[cell {i}]", "exec"), scope)  # pylint: disable=exec-used
+  if name == "explore.ipynb":
+    assert sorted(os.path.basename(p) for p in scope["written"]) == [
+        "guidance_w_z.png", "interpolation.png", "novel_views.png", "subvector_swaps.png"]
+    # The interpolation's ends are the pairs' own latents: the swap figure decodes the same
+    # latents with the same noise, so its outer columns are the same images.
+    interp, swaps = scope["interp_columns"], scope["swap_columns"]
+    assert len(swaps) == scope["model"].num_subvectors + 2
+    np.testing.assert_array_equal(np.asarray(interp[0]), np.asarray(swaps[0]))
+    np.testing.assert_array_equal(np.asarray(interp[-1]), np.asarray(swaps[-1]))
+    return
   if name == "export.ipynb":  # torch features match soda_jax's; safetensors round trip bitwise
     r = scope["export_result"]
     assert r["round_trip_bitwise"] and max(r["err_h"], r["err_z"]) < 1e-4, r
