@@ -5,9 +5,10 @@ that it ends bitwise equal to an uninterrupted run of the same config.
       [--steps=120] [--checkpoint_every=6] [--seed=0] [--config.key=value ...]
 
 workdir/reference: the uninterrupted run (timed). workdir/soak: the same command, killed
-`--kills` times, each after a random delay in [1 s, 0.6 x the reference's wall time] (so kills
-land during start-up, restore, compiling, training and asynchronous saves alike), then run to
-the end. Every kill is logged with the newest complete checkpoint and whether a save was in
+`--kills` times (the first right after its first checkpoint, to time a warm start-up; the others
+after a random delay between 1 s and that start-up plus 1.5x the reference's time for
+steps/kills steps, so kills land during start-up, restore, compiling, training and asynchronous
+saves alike, and the run outlasts them), then run to the end. Every kill is logged with the newest complete checkpoint and whether a save was in
 flight (an Orbax temporary directory present). The whole saved train state of the final step
 (params, EMA, optimizer state, step) is compared bitwise; the outcome goes to
 workdir/soak.json. Exit code 1 if they differ or a restart fails.
@@ -29,9 +30,13 @@ def _steps(workdir: str) -> List[int]:
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
-def _saving(workdir: str) -> bool:
+def _saving(workdir: str, since: float) -> bool:
+  """Whether a save was in flight: an Orbax temporary step directory written since `since` (one
+  left over from an earlier kill is older, and is replaced when that step is saved again)."""
   d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and any("tmp" in s for s in os.listdir(d))
+  if not os.path.isdir(d):
+    return False
+  return any("tmp" in s and os.path.getmtime(os.path.join(d, s)) >= since for s in os.listdir(d))
 
 
 def main(argv=None) -> int:
@@ -65,19 +70,47 @@ def main(argv=None) -> int:
   logs = open(os.path.join(args.workdir, "runs.log"), "a")  # pylint: disable=consider-using-with
 
   t0 = time.time()
-  subprocess.run(command(reference), stdout=logs, stderr=logs, check=True)
+  proc = subprocess.Popen(command(reference), stdout=logs, stderr=logs)
+  first_ckpt = None  # seconds from launch to the first checkpoint: start-up + a few steps
+  while proc.poll() is None:
+    if first_ckpt is None and _steps(reference):
+      first_ckpt = time.time() - t0
+    time.sleep(0.2)
   ref_wall = time.time() - t0
-  print(f"reference: {args.steps} steps in {ref_wall:.0f} s", flush=True)
+  if proc.returncode != 0:
+    print(f"the reference run failed with exit code {proc.returncode}: see {logs.name}")
+    return 1
+  first_ckpt = first_ckpt or ref_wall
+  step_s = max(ref_wall - first_ckpt, 1e-3) / max(args.steps - args.checkpoint_every, 1)
+  print(f"reference: {args.steps} steps in {ref_wall:.0f} s (~{step_s:.2f} s/step)", flush=True)
+
+  # Kill 1 calibrates: the soak run is killed as soon as its first checkpoint is complete. Its
+  # start-up (compiled programs now come from the cache) sets the other delays: up to start-up
+  # + 1.5x the time of steps/kills steps, so kills land in start-up, restore, compiling,
+  # training and saves, and the run outlasts all of them.
+  kills = []
+  t0 = time.time()
+  proc = subprocess.Popen(command(soak), stdout=logs, stderr=logs)
+  while proc.poll() is None and not _steps(soak):
+    time.sleep(0.05)
+  warm_start = time.time() - t0
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  kills.append({"delay_s": round(warm_start, 1), "newest_checkpoint": max(_steps(soak), default=0),
+                "save_in_flight": False})
+  max_delay = warm_start + 1.5 * step_s * args.steps / args.kills
+  print(f"kill 1: right after the first checkpoint ({warm_start:.1f} s); other kill delays in "
+        f"[1, {max_delay:.0f}] s", flush=True)
 
   rng = np.random.default_rng(args.seed)
-  kills = []
-  for i in range(args.kills):
-    delay = float(rng.uniform(1.0, max(1.5, 0.6 * ref_wall)))
+  for i in range(1, args.kills):
+    delay = float(rng.uniform(1.0, max(1.5, max_delay)))
+    started = time.time()
     proc = subprocess.Popen(command(soak), stdout=logs, stderr=logs)
     try:
       rc = proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
-      saving = _saving(soak)
+      saving = _saving(soak, started)
       proc.send_signal(signal.SIGKILL)
       proc.wait()
       kills.append({"delay_s": round(delay, 1), "newest_checkpoint": max(_steps(soak), default=0),
@@ -104,6 +137,7 @@ def main(argv=None) -> int:
   diff = [jax.tree_util.keystr(p) for (p, a), b in zip(leaves_ref, leaves_soak)
           if not np.array_equal(a, b)]
   result = {"command": command(soak), "kills": kills, "reference_wall_s": round(ref_wall, 1),
+            "max_delay_s": round(max_delay, 1),
             "saves_in_flight_at_kill": sum(k["save_in_flight"] for k in kills),
             "leaves": len(leaves_ref), "leaves_differing": diff,
             "bitwise_equal": not diff and len(leaves_ref) == len(leaves_soak)}
