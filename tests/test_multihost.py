@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soda_jax import multihost
+from soda_jax import multihost, sharding
 
 
 @pytest.fixture
@@ -56,3 +56,15 @@ def test_one_process_is_a_plain_call(monkeypatch):
   monkeypatch.setattr(multihost, "barrier", lambda name: (_ for _ in ()).throw(AssertionError))
   f = multihost.compile_then_meet(jax.jit(lambda x: x + 1), "g")
   assert int(f(np.int32(1))) == 2
+
+
+def test_from_host_places_the_array_with_the_requested_sharding():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+  for target in (sharding.batch_sharding(mesh), sharding.replicated(mesh)):
+    y = sharding.from_host(x, target)
+    assert y.sharding == target
+    np.testing.assert_array_equal(np.asarray(y), x)
+  # Each device holds exactly its slice of the batch.
+  y = sharding.from_host(x, sharding.batch_sharding(mesh))
+  assert sorted(s.data.shape for s in y.addressable_shards) == [(1, 3)] * 8

@@ -30,14 +30,17 @@ def map_batches(fn, variables, images: np.ndarray, mesh, batch_size: int) -> Tup
   fn = multihost.compile_then_meet(
       jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
               out_shardings=sharding.replicated(mesh)), "map_batches")
-  variables = jax.device_put(variables, sharding.replicated(mesh))
+  # Replicated by a jitted identity (an all-gather of the FSDP shards inside one compiled
+  # program), not `jax.device_put`: its cross-process reshard deadlocked in the 2-process test.
+  variables = multihost.compile_then_meet(
+      jax.jit(lambda v: v, out_shardings=sharding.replicated(mesh)), "replicate")(variables)
   outs = []
   for i in range(0, n, batch_size):
     chunk = images[i:i + batch_size]
     pad = batch_size - chunk.shape[0]
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out = fn(variables, jax.device_put(chunk, sharding.batch_sharding(mesh)))
+    out = fn(variables, sharding.from_host(chunk, sharding.batch_sharding(mesh)))
     outs.append([np.asarray(o)[:batch_size - pad] for o in out])
   return tuple(np.concatenate(parts) for parts in zip(*outs))
 
@@ -107,7 +110,7 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, state, mesh,
   out = probe_features(train_f, train["label"], test_f, test["label"], num_classes)
   if recon_examples:
     # Same images on every process -> one replicated global array (works across processes).
-    src = jax.device_put(test["image"][:recon_examples], sharding.replicated(mesh))
+    src = sharding.from_host(test["image"][:recon_examples], sharding.replicated(mesh))
     recon = generate.generate(model, variables, src,
                               jax.random.PRNGKey(0) if rng is None else rng, config.diffusion)
     out["recon_psnr"] = float(jnp.mean(metrics.psnr(recon, src, data_range=2.0)))
