@@ -6,9 +6,9 @@ python -m soda_jax.main --config=configs/nvs_synthetic.py --workdir=/tmp/soda_nv
 evaluate/nvs.py scores samples of held-out views of unseen objects with 1 and 3 source views
 against copying the nearest source view and the latent-free model (workdir/nvs_eval.json).
 
-Sized to train in about 30 minutes on 2 free CPU cores: an estimate (the 2-D demo's ~2 s/step
-for a similar encoder/decoder load, plus ~2 min of rendering and ~1 min of NVS evaluation),
-not a measured run. Variants: `:steps=N`; `:variant=tiny` (16x16, tiny model, a few
+Measured once (session 8, 2-core AMD EPYC, docs/benchmarks.md): 0.6-0.7 steps/s when alone, so
+~20 min of training plus ~2 min of NVS evaluation (renders cached). After those 800 steps the
+samples do not yet show the objects (PSNR 10.1 vs 14.5 for copying the nearest source view). Variants: `:steps=N`; `:variant=tiny` (16x16, tiny model, a few
 steps: tests and smoke runs).
 """
 from soda_jax import config_base
