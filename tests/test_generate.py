@@ -28,11 +28,12 @@ def setup():
 def test_decode_of_encoded_z_is_generate(setup):
   model, variables, source, dcfg = setup
   rng = jax.random.PRNGKey(3)
-  _, z = model.apply(variables, jnp.asarray(source), method=soda.SODA.encode)
+  # Jitted: eagerly, every op of the encoder would be its own compile (~30 s on XLA:CPU).
+  _, z = jax.jit(lambda v, x: model.apply(v, x, method=soda.SODA.encode))(variables, source)
   from_source = generate.generate(model, variables, jnp.asarray(source), rng, dcfg)
   from_z = generate.decode(model, variables, z, rng, dcfg, source.shape[1:])
   assert from_z.shape == source.shape
-  # (encode ran eagerly here, inside the jitted sampler there: float32 rounding apart)
+  # (encode compiled on its own here, inside the sampler there: float32 rounding apart)
   np.testing.assert_allclose(np.asarray(from_z), np.asarray(from_source), atol=1e-4)
   # z matters: another latent gives another sample from the same noise.
   other = generate.decode(model, variables, z[::-1], rng, dcfg, source.shape[1:])
