@@ -131,16 +131,18 @@ def _save_arrays_whole_on_cpu() -> None:
 
 @functools.cache
 def _barriers_through_coordination_service() -> None:
-  """With several processes, Orbax's barriers wait on JAX's coordination service (a timeout we
-  choose), not on a psum over every device (its default).
+  """With several processes, Orbax's barriers wait on JAX's coordination service (with Orbax's
+  own barrier timeout), not on a psum over every device (its default). A value the user set for
+  the flag (`--experimental_orbax_use_distributed_barrier=false`) is kept.
 
   The psum runs on the collectives backend, which on CPU is gloo: a peer that arrives more than
   30 s late fails the job (gloo's fixed timeout), and with async saves the psum is issued from
   Orbax's commit thread while the main thread's train steps issue their own collectives on the
   same devices. Both showed up in the 2-process CPU test (docs/benchmarks.md, issue 13).
   """
-  if jax.process_count() > 1:
-    flags.FLAGS["experimental_orbax_use_distributed_barrier"].parse("true")  # also unparsed
+  flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+  if jax.process_count() > 1 and not flag.present:
+    flag.parse("true")  # parse, not assign: readable even where absl never parsed argv
 
 
 class Checkpointer:

@@ -27,16 +27,23 @@ def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
 
 
 def _signature(args, kwargs) -> Any:
+  """What decides whether jit compiles anew: array types (shape, dtype, weak type, sharding) and
+  the *values* of everything else (static arguments). By value, never by `id` or a per-process
+  hash, so that every process takes the same "new signature" decisions and meets at the same
+  barriers."""
   leaves, treedef = jax.tree.flatten((args, kwargs))
   out = []
   for x in leaves:
     if hasattr(x, "shape") and hasattr(x, "dtype"):
-      out.append((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)))
+      out.append((tuple(x.shape), str(x.dtype), bool(getattr(x, "weak_type", False)),
+                  getattr(x, "sharding", None)))
     else:
       try:
-        out.append(hash(x))
-      except TypeError:
-        out.append(id(x))
+        hash(x)
+      except TypeError as e:
+        raise TypeError(f"compile_then_meet: argument {x!r} is neither an array nor "
+                        "hashable") from e
+      out.append(x)
   return treedef, tuple(out)
 
 

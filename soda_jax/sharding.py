@@ -67,10 +67,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def from_host(x: np.ndarray, target: NamedSharding) -> jax.Array:
-  """A global array from a host array that every process holds in full (eval images): each
-  process places only its own devices' slices. No cross-process traffic, unlike
-  `jax.device_put`, which with several processes all-gathers the array to check that they
-  agree (a collective outside the jitted programs' `multihost.compile_then_meet`)."""
+  """A global array from a host array that every process holds in full and identical (eval
+  images, decoded the same way from the config on every process): each process places only its
+  own devices' slices. No cross-process traffic, unlike `jax.device_put`, which with several
+  processes all-gathers the array to check that they agree (a collective outside the jitted
+  programs' `multihost.compile_then_meet`); that check is the caller's guarantee here."""
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 

@@ -109,7 +109,9 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   os.kill(run.pids[1], signal.SIGTERM)
   assert run.wait() == 0, run.log(0)[-3000:] + run.log(1)[-3000:]
   stopped = max(_steps(c))
-  assert stopped <= 3, _steps(c)  # the first step compiles for a minute: SIGTERM lands early
+  # Process 1 compiles the first step (it never reads the cache): SIGTERM lands early, and
+  # (b) needs a later checkpoint before STEPS.
+  assert stopped <= STEPS - 4, _steps(c)
   for i in (0, 1):
     assert f"Preemption agreed by all processes at step {stopped}" in run.log(i), run.log(i)
     assert f"Stopping at step {stopped}" in run.log(i)

@@ -8,8 +8,9 @@ workdir/reference: the uninterrupted run (timed). workdir/soak: the same command
 `--kills` times (the first right after its first checkpoint, to time a warm start-up; the others
 after a random delay between 1 s and that start-up plus 1.5x the reference's time for
 steps/kills steps, so kills land during start-up, restore, compiling, training and asynchronous
-saves alike, and the run outlasts them), then run to the end. Every kill is logged with the newest complete checkpoint and whether a save was in
-flight (an Orbax temporary directory present). The whole saved train state of the final step
+saves alike, and the run outlasts them), then run to the end. Every kill is logged with the
+newest complete checkpoint and whether a save was in flight (an Orbax temporary directory
+written since that launch). The whole saved train state of the final step
 (params, EMA, optimizer state, step) is compared bitwise; the outcome goes to
 workdir/soak.json. Exit code 1 if they differ or a restart fails.
 """
@@ -36,7 +37,13 @@ def _saving(workdir: str, since: float) -> bool:
   d = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(d):
     return False
-  return any("tmp" in s and os.path.getmtime(os.path.join(d, s)) >= since for s in os.listdir(d))
+  for s in os.listdir(d):
+    try:
+      if "tmp" in s and os.path.getmtime(os.path.join(d, s)) >= since:
+        return True
+    except OSError:  # renamed by a finishing save between listdir and getmtime
+      continue
+  return False
 
 
 def main(argv=None) -> int:
@@ -94,6 +101,10 @@ def main(argv=None) -> int:
   while proc.poll() is None and not _steps(soak):
     time.sleep(0.05)
   warm_start = time.time() - t0
+  if proc.poll() is not None:
+    print(f"the first soak launch exited ({proc.returncode}) before its first checkpoint: see "
+          f"{logs.name}", flush=True)
+    return 1
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   kills.append({"delay_s": round(warm_start, 1), "newest_checkpoint": max(_steps(soak), default=0),
@@ -110,9 +121,9 @@ def main(argv=None) -> int:
     try:
       rc = proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
-      saving = _saving(soak, started)
-      proc.send_signal(signal.SIGKILL)
+      proc.send_signal(signal.SIGKILL)  # first: nothing below may leave the run alive
       proc.wait()
+      saving = _saving(soak, started)
       kills.append({"delay_s": round(delay, 1), "newest_checkpoint": max(_steps(soak), default=0),
                     "save_in_flight": saving})
       print(f"kill {i + 1}: after {delay:.1f} s, newest checkpoint "
