@@ -82,7 +82,7 @@ def _params(workdir, step):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SODA_MULTIPROCESS_TEST") != "1", reason=(
-    "opt-in (SODA_MULTIPROCESS_TEST=1): passes (545 s), but four launches of two processes do "
+    "opt-in (SODA_MULTIPROCESS_TEST=1): passes (443 s), but four launches of two processes do "
     "not fit CI's budget on 2 cores (docs/benchmarks.md, 'Multi-host and fault tolerance')"))
 def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   # (a) + (d): straight run with an end-of-run sample grid.
