@@ -8,8 +8,8 @@ against copying the nearest source view and the latent-free model (workdir/nvs_e
 
 Measured once (session 8, 2-core AMD EPYC, docs/benchmarks.md): 0.6-0.7 steps/s when alone, so
 ~20 min of training plus ~2 min of NVS evaluation (renders cached). After those 800 steps the
-samples do not yet show the objects (PSNR 10.1 vs 14.5 for copying the nearest source view). Variants: `:steps=N`; `:variant=tiny` (16x16, tiny model, a few
-steps: tests and smoke runs).
+samples do not yet show the objects (PSNR 10.1 vs 14.5 for copying the nearest source view).
+Variants: `:steps=N`; `:variant=tiny` (16x16, tiny model, a few steps: tests and smoke runs).
 """
 from soda_jax import config_base
 

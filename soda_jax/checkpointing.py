@@ -145,6 +145,14 @@ def _barriers_through_coordination_service() -> None:
     flag.parse("true")  # parse, not assign: readable even where absl never parsed argv
 
 
+def steps_on_disk(workdir: str) -> List[int]:
+  """The complete steps under workdir/checkpoints, oldest first, by listing the directory (no
+  Orbax manager: cheap enough to poll while another process trains). A save in progress is a
+  `<step>.orbax-checkpoint-tmp` directory and is not listed until Orbax renames it."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager`, always used with the `args=` API."""
 

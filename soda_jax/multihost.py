@@ -65,4 +65,3 @@ def compile_then_meet(jitted: Callable, name: str) -> Callable:
 
   call.lower = jitted.lower
   return call
-

@@ -74,4 +74,3 @@ def from_host(x: np.ndarray, target: NamedSharding) -> jax.Array:
   programs' `multihost.compile_then_meet`); that check is the caller's guarantee here."""
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
-

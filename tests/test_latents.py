@@ -14,14 +14,15 @@ def _model(modulation="layer", latent_dim=11):
 
 
 def test_subvector_slices_tile_z_in_modulation_order():
+  """SODA.subvector_slices is the split modulations() feeds the decoder."""
   model = _model()  # tiny: 2 levels -> 3 groups; 11 = 4 + 4 + 3
-  assert latents.subvector_slices(model) == [slice(0, 4), slice(4, 8), slice(8, 11)]
+  assert model.subvector_slices == [slice(0, 4), slice(4, 8), slice(8, 11)]
   # The same split the decoder uses.
   z = np.arange(11, dtype=np.float32)[None]
   subs = [np.asarray(s) for s, _ in model.modulations(z, np.ones((1, 3), bool))]
-  for part, sub in zip(latents.subvector_slices(model), subs):
+  for part, sub in zip(model.subvector_slices, subs):
     np.testing.assert_array_equal(z[:, part], sub)
-  assert latents.subvector_slices(_model("global")) == [slice(0, 11)]
+  assert _model("global").subvector_slices == [slice(0, 11)]
 
 
 def test_swap_changes_exactly_one_group_per_row():
@@ -29,7 +30,7 @@ def test_swap_changes_exactly_one_group_per_row():
   z_a, z_b = np.zeros(11, np.float32), np.ones(11, np.float32)
   swapped = latents.swap_subvectors(z_a, z_b, model)
   assert swapped.shape == (3, 11)
-  for row, part in zip(swapped, latents.subvector_slices(model)):
+  for row, part in zip(swapped, model.subvector_slices):
     expected = z_a.copy()
     expected[part] = 1.0
     np.testing.assert_array_equal(row, expected)

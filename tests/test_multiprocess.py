@@ -68,11 +68,6 @@ class _Launch:
       time.sleep(0.2)
 
 
-def _steps(workdir):
-  d = workdir / "checkpoints"
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if d.exists() else []
-
-
 def _params(workdir, step):
   ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
   params = jax.device_get(ckpt.restore_raw(step)["params"])
@@ -90,7 +85,7 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   run = _Launch(a, "a", f"--config.num_train_steps={STEPS}", "--config.evals.num_samples=4",
                 "--config.evals.probe_every_steps=0")
   assert run.wait() == 0, run.log(0)[-3000:] + run.log(1)[-3000:]
-  assert _steps(a) == [4, 6, 8]  # keep_checkpoints=3
+  assert checkpointing.steps_on_disk(a) == [4, 6, 8]  # keep_checkpoints=3
   assert os.listdir(a / "samples") == [f"recon_{STEPS:07d}.png"]
   assert "Wrote /" in run.log(0) and "Wrote /" not in run.log(1)
   # The end-of-run probe (features encoded over the 8-device mesh, probes fitted on each
@@ -108,10 +103,10 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
                  and "Starting the training loop" in run.log(1), "the training loop")
   os.kill(run.pids[1], signal.SIGTERM)
   assert run.wait() == 0, run.log(0)[-3000:] + run.log(1)[-3000:]
-  stopped = max(_steps(c))
+  stopped = max(checkpointing.steps_on_disk(c))
   # Process 1 compiles the first step (it never reads the cache): SIGTERM lands early, and
   # (b) needs a later checkpoint before STEPS.
-  assert stopped <= STEPS - 4, _steps(c)
+  assert stopped <= STEPS - 4, checkpointing.steps_on_disk(c)
   for i in (0, 1):
     assert f"Preemption agreed by all processes at step {stopped}" in run.log(i), run.log(i)
     assert f"Stopping at step {stopped}" in run.log(i)
@@ -120,14 +115,15 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   # checkpoint is on disk; the next restart finishes: params bitwise equal to (a)'s.
   flags = [f"--config.num_train_steps={STEPS}", "--config.evals.num_samples=0"]
   run = _Launch(c, "c2", *flags)
-  run.wait_until(lambda: max(_steps(c)) > stopped, "a checkpoint after the restart")
+  run.wait_until(lambda: max(checkpointing.steps_on_disk(c)) > stopped,
+                 "a checkpoint after the restart")
   for pid in run.pids:
     os.kill(pid, signal.SIGKILL)
   run.wait()
   for i in (0, 1):
     assert f"Resumed from step {stopped}" in run.log(i), run.log(i)[-3000:]
-  killed_at = max(_steps(c))
-  assert killed_at < STEPS, _steps(c)
+  killed_at = max(checkpointing.steps_on_disk(c))
+  assert killed_at < STEPS, checkpointing.steps_on_disk(c)
   run = _Launch(c, "c3", *flags)
   assert run.wait() == 0, run.log(0)[-3000:]
   assert f"Resumed from step {killed_at}" in run.log(0)

@@ -109,16 +109,15 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
   resumed = tmp_path / "resumed"
   proc = subprocess.Popen(_main_cmd(resumed, *flags), cwd=ROOT, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckdir = resumed / "checkpoints"
   deadline = time.time() + max(600, steps)  # generous: ~0.3 s/step on 2 cores
   while time.time() < deadline and proc.poll() is None:
-    done = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if ckdir.exists() else []
+    done = checkpointing.steps_on_disk(str(resumed))
     if done and max(done) >= steps // 2:
       break
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = max(int(d) for d in os.listdir(ckdir) if d.isdigit())
+  killed_at = max(checkpointing.steps_on_disk(str(resumed)))
   assert steps // 2 <= killed_at < steps, killed_at
   subprocess.run(_main_cmd(resumed, *flags), cwd=ROOT, env=_env(), check=True,
                  capture_output=True)
@@ -152,6 +151,6 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
   out, _ = proc.communicate(timeout=600)
   watchdog.cancel()
   assert proc.returncode == 0, out[-3000:]
-  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  steps = checkpointing.steps_on_disk(str(tmp_path))
   assert len(steps) == 1 and 0 < steps[0] < 100000, steps
   assert f"Stopping at step {steps[0]}" in out

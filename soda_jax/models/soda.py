@@ -55,6 +55,13 @@ class SODA(nn.Module):
   def num_subvectors(self) -> int:
     return num_subvectors(self.modulation, len(self.decoder.channel_mult))
 
+  @property
+  def subvector_slices(self) -> List[slice]:
+    """The coordinates of z that each group of decoder levels reads, outermost level first, the
+    middle block last; one slice (all of z) for global modulation."""
+    ends = list(itertools.accumulate(split_sizes(self.latent_dim, self.num_subvectors)))
+    return [slice(start, end) for start, end in zip([0] + ends[:-1], ends)]
+
   def encode(self, x, train: bool = False, source_rays=None):
     """source view (B, H, W, C) -> (pooled features h (B, F), latent z (B, latent_dim)).
 
@@ -81,8 +88,7 @@ class SODA(nn.Module):
       z = nn.silu(z)
     if self.modulation == "global":
       return [(z, keep[:, 0])] * (num_levels + 1)
-    subs = jnp.split(z, list(itertools.accumulate(split_sizes(self.latent_dim, num_levels + 1)))[:-1], axis=-1)
-    return [(s, keep[:, i]) for i, s in enumerate(subs)]
+    return [(z[..., part], keep[:, i]) for i, part in enumerate(self.subvector_slices)]
 
   def denoise(self, x_t, t, z, keep, target_box=None, pose_keep=None, train: bool = False,
               target_rays=None):

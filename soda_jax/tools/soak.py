@@ -21,14 +21,10 @@ import signal
 import subprocess
 import sys
 import time
-from typing import List
 
 import numpy as np
 
-
-def _steps(workdir: str) -> List[int]:
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+from soda_jax import checkpointing
 
 
 def _saving(workdir: str, since: float) -> bool:
@@ -71,7 +67,7 @@ def main(argv=None) -> int:
 
   reference, soak = (os.path.join(args.workdir, d) for d in ("reference", "soak"))
   for d in (reference, soak):
-    if _steps(d):
+    if checkpointing.steps_on_disk(d):
       parser.error(f"{d} already has checkpoints: use a new --workdir")
   os.makedirs(args.workdir, exist_ok=True)
   logs = open(os.path.join(args.workdir, "runs.log"), "a")  # pylint: disable=consider-using-with
@@ -80,7 +76,7 @@ def main(argv=None) -> int:
   proc = subprocess.Popen(command(reference), stdout=logs, stderr=logs)
   first_ckpt = None  # seconds from launch to the first checkpoint: start-up + a few steps
   while proc.poll() is None:
-    if first_ckpt is None and _steps(reference):
+    if first_ckpt is None and checkpointing.steps_on_disk(reference):
       first_ckpt = time.time() - t0
     time.sleep(0.2)
   ref_wall = time.time() - t0
@@ -98,7 +94,7 @@ def main(argv=None) -> int:
   kills = []
   t0 = time.time()
   proc = subprocess.Popen(command(soak), stdout=logs, stderr=logs)
-  while proc.poll() is None and not _steps(soak):
+  while proc.poll() is None and not checkpointing.steps_on_disk(soak):
     time.sleep(0.05)
   warm_start = time.time() - t0
   if proc.poll() is not None:
@@ -107,7 +103,8 @@ def main(argv=None) -> int:
     return 1
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  kills.append({"delay_s": round(warm_start, 1), "newest_checkpoint": max(_steps(soak), default=0),
+  kills.append({"delay_s": round(warm_start, 1),
+                "newest_checkpoint": max(checkpointing.steps_on_disk(soak), default=0),
                 "save_in_flight": False})
   max_delay = warm_start + 1.5 * step_s * args.steps / args.kills
   print(f"kill 1: right after the first checkpoint ({warm_start:.1f} s); other kill delays in "
@@ -124,7 +121,8 @@ def main(argv=None) -> int:
       proc.send_signal(signal.SIGKILL)  # first: nothing below may leave the run alive
       proc.wait()
       saving = _saving(soak, started)
-      kills.append({"delay_s": round(delay, 1), "newest_checkpoint": max(_steps(soak), default=0),
+      kills.append({"delay_s": round(delay, 1),
+                    "newest_checkpoint": max(checkpointing.steps_on_disk(soak), default=0),
                     "save_in_flight": saving})
       print(f"kill {i + 1}: after {delay:.1f} s, newest checkpoint "
             f"{kills[-1]['newest_checkpoint']}, save in flight: {saving}", flush=True)
@@ -136,7 +134,6 @@ def main(argv=None) -> int:
     break
   subprocess.run(command(soak), stdout=logs, stderr=logs, check=True)
 
-  from soda_jax import checkpointing  # pylint: disable=g-import-not-at-top
   states = []
   for d in (reference, soak):
     ckpt = checkpointing.Checkpointer(d, async_save=False)
