@@ -102,8 +102,7 @@ def test_checkpoint_from_another_config_names_the_keys(trained):
 
 
 def _run(module, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # conftest's XLA_FLAGS
   return subprocess.run([sys.executable, "-m", module, "--config=configs/tiny.py", *flags],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

@@ -28,6 +28,7 @@ from soda_jax.data import pipeline
 from soda_jax import export as export_lib
 from soda_jax.export import safetensors_io, stablehlo, torchvision as tv, variables as V
 from soda_jax.models import soda
+from tests import bn_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "torchvision"))
@@ -41,18 +42,7 @@ TOL_HLO = 1e-5
 pytestmark = pytest.mark.xdist_group("export")
 
 
-def _config(depth, stem, width=8, image_size=16):
-  c = config_base.load_config(os.path.join(ROOT, "configs", "tiny.py"))
-  c.model.encoder.update(dict(depth=depth, version="v1.5", stem=stem, width=width))
-  c.data.update(dict(name="synthetic", channels=3, image_size=image_size))
-  c.batch_size = 16
-  c.num_train_steps = 3
-  c.log_every_steps = 3
-  c.checkpoint_every_steps = 3
-  c.async_checkpointing = False
-  c.evals.num_samples = 0
-  c.evals.probe_every_steps = -1
-  return c
+_config = bn_tiny.config
 
 
 @functools.lru_cache(maxsize=None)

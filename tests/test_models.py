@@ -175,22 +175,25 @@ def test_decoder_uses_z():
   x0-prediction (a supported target) puts weight on high noise, where x_t alone says little
   about the image and only z can; with eps-prediction the tiny decoder denoises these simple
   images from x_t alone and learns to use z much later. Compared in x0 space at t in [0.5, 1].
-  Measured (tiny config, 300 Adam steps, lr 2e-3, zero-initialised latent projections then):
-  16 images true z 0.056 vs shuffled 0.095; 8 images (run here: half the step cost) 0.046 vs
-  0.108; 16 images x 150 steps is too short (0.100 vs 0.105). With latent_init='lecun' (the
-  default since session 7), 8 images: 0.039 vs 0.131.
+  Measured at 16x16 (tiny config, 300 Adam steps, lr 2e-3, zero-initialised latent projections
+  then): 16 images true z 0.056 vs shuffled 0.095; 8 images 0.046 vs 0.108; 16 images x 150
+  steps is too short (0.100 vs 0.105). With latent_init='lecun' (the default since session 7),
+  8 images: 0.039 vs 0.131. Run here at 8x8, where the property shows in a third of the steps
+  at a quarter of the step cost (session 9, suite compile options): 100 steps 0.041 vs 0.476,
+  300 steps 0.0008 vs 0.744; 16x16 at 300 steps 0.045 vs 0.105 took 98 s against 44 s.
   """
+  img, steps = 8, 100
   m = config_base.model_config("tiny")
   model = soda.build_model(m, image_channels=1)
   n, pred_type = 8, "x0"
   rng = np.random.default_rng(0)
   # Distinct images: random discs, so reconstruction needs per-image information.
-  yy, xx = np.mgrid[:IMG, :IMG] / IMG
+  yy, xx = np.mgrid[:img, :img] / img
   cy, cx, r = rng.uniform(0.2, 0.8, n), rng.uniform(0.2, 0.8, n), rng.uniform(0.1, 0.3, n)
   imgs = ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2
           < r[:, None, None] ** 2).astype(np.float32) * 2 - 1
   x0 = jnp.asarray(imgs[..., None])
-  inputs = soda.init_inputs(n, IMG, 1, model.num_subvectors)
+  inputs = soda.init_inputs(n, img, 1, model.num_subvectors)
   params = nn.meta.unbox(compile_once.init(model, jax.random.PRNGKey(0), **inputs))["params"]
   keep = jnp.ones((n, model.num_subvectors), bool)
 
@@ -214,7 +217,7 @@ def test_decoder_uses_z():
       g = jax.grad(loss_fn)(params, jax.random.PRNGKey(i), jnp.arange(n))
       updates, opt = tx.update(g, opt, params)
       return optax.apply_updates(params, updates), opt
-    return jax.lax.fori_loop(0, 300, step, (params, tx.init(params)))[0]
+    return jax.lax.fori_loop(0, steps, step, (params, tx.init(params)))[0]
 
   params = train(params)
   eval_keys = jnp.stack([jax.random.PRNGKey(10_000 + i) for i in range(8)])
@@ -225,7 +228,7 @@ def test_decoder_uses_z():
   shuffled = float(evaluate(params, jnp.roll(jnp.arange(n), 1)))
   print(f"decoder-uses-z: x0 MSE at t in [0.5, 1]: true z {true_loss:.4f}, "
         f"shuffled z {shuffled:.4f}")
-  assert true_loss < 0.75 * shuffled, (true_loss, shuffled)
+  assert true_loss < 0.5 * shuffled, (true_loss, shuffled)
 
 
 def test_remat_and_bf16_paths():

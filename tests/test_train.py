@@ -81,8 +81,7 @@ def _main_cmd(workdir, *flags):
 
 
 def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env = dict(os.environ)  # conftest's XLA_FLAGS: 8 devices, the suite's compile options
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT
   return env
