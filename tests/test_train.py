@@ -60,7 +60,7 @@ def test_demo_loss_falls(tmp_path):
   c = config_base.override(load_config("demo"), {
       "num_train_steps": 60, "log_every_steps": 10, "checkpoint_every_steps": 1000,
       "batch_size": 16, "data.image_size": 16, "model.decoder.attention_resolutions": (4,),
-      "evals.num_samples": 0, "evals.probe_every_steps": -1})
+      "evals.num_samples": 0, "evals.probe_every_steps": -1, "evals.z_usage_every_steps": -1})
   out = train.train_and_evaluate(c, str(tmp_path))
   losses = [s["loss"] for _, s in out["history"]]
   print("demo losses every 10 steps:", np.round(losses, 4))
