@@ -74,3 +74,16 @@ def from_host(x: np.ndarray, target: NamedSharding) -> jax.Array:
   programs' `multihost.compile_then_meet`); that check is the caller's guarantee here."""
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def batch_from_host(x: np.ndarray, mesh: Mesh) -> Tuple[jax.Array, int]:
+  """(`from_host` split over the batch axes, n): x (n, ...) padded with zeros to a multiple of
+  the mesh size, so each device works on its own slice instead of every device on all of
+  them (a replicated batch made the demo's 64 reconstructions 8x redundant). Callers drop
+  rows >= n of the results."""
+  x = np.asarray(x)
+  n = x.shape[0]
+  pad = -n % mesh.size
+  if pad:
+    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+  return from_host(x, batch_sharding(mesh)), n

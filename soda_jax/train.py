@@ -71,12 +71,16 @@ def enable_compilation_cache(setting: str) -> None:
   logging.info("Persistent compilation cache: %s", setting)
 
 
-def _sample_grid(config, model, state, eval_source, rng, step, workdir, writer):
-  """Reconstructions of held-out source views (EMA params): TensorBoard + PNG in workdir."""
+def _sample_grid(config, model, state, eval_batch, rng, step, workdir, writer):
+  """Reconstructions of held-out source views (EMA params): TensorBoard + PNG in workdir.
+
+  eval_batch: (global array split over the mesh, n) from `sharding.batch_from_host`."""
   variables = state.eval_variables()
+  eval_source, n = eval_batch
   recon = generate.generate(model, variables, eval_source, rng, config.diffusion)
   # Global arrays may span processes: gather to host numpy (same on every process).
-  source, recon = (multihost_utils.process_allgather(x, tiled=True) for x in (eval_source, recon))
+  source, recon = (multihost_utils.process_allgather(x, tiled=True)[:n]
+                   for x in (eval_source, recon))
   grid = generate.image_grid([source, recon])
   if jax.process_index() == 0:
     path = generate.save_png(grid, os.path.join(workdir, "samples", f"recon_{step:07d}.png"))
@@ -107,13 +111,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_iter = pipeline.make_train_iterator(
       config, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  eval_source = None
+  eval_batch = None
   if config.evals.num_samples > 0:
     eval_arrays = pipeline.make_eval_arrays(config, config.data.eval_split,
                                             config.evals.num_samples)
-    # Every process decoded the same few images: one replicated global array over the mesh.
-    eval_source = jax.make_array_from_process_local_data(sharding.replicated(mesh),
-                                                         eval_arrays["image"])
+    # Every process decoded the same few images: one global array split over the mesh.
+    eval_batch = sharding.batch_from_host(eval_arrays["image"], mesh)
 
   # ---------------------------------------------------------------- model + sharded state
   model = ts.build_model(config)
@@ -185,8 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt.save(step, state, train_iter, config)
 
       every = config.evals.samples_every_steps
-      if eval_source is not None and every > 0 and step % every == 0 and not last:
-        _sample_grid(config, model, state, eval_source, sample_rng, step, workdir, writer)
+      if eval_batch is not None and every > 0 and step % every == 0 and not last:
+        _sample_grid(config, model, state, eval_batch, sample_rng, step, workdir, writer)
       every = config.evals.z_usage_every_steps
       if z_usage_fn is not None and every > 0 and step % every == 0 and not last:
         z_history.append((step, log_z_usage(step)))
@@ -204,8 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if z_usage_fn is not None and not preemption.requested:  # also at a stop_after pause
     z_history.append((step, log_z_usage(step)))
   result["z_usage"] = z_history
-  if finished and eval_source is not None:
-    _sample_grid(config, model, state, eval_source, sample_rng, step, workdir, writer)
+  if finished and eval_batch is not None:
+    _sample_grid(config, model, state, eval_batch, sample_rng, step, workdir, writer)
   if finished and config.evals.probe_every_steps >= 0:
     result["eval"] = representation.evaluate(config, model, state, mesh)
     writer.write_scalars(step, result["eval"])

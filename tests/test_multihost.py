@@ -68,3 +68,17 @@ def test_from_host_places_the_array_with_the_requested_sharding():
   # Each device holds exactly its slice of the batch.
   y = sharding.from_host(x, sharding.batch_sharding(mesh))
   assert sorted(s.data.shape for s in y.addressable_shards) == [(1, 3)] * 8
+
+
+@pytest.mark.parametrize("n", [8, 5, 16])
+def test_batch_from_host_pads_to_the_mesh_and_splits(n):
+  """Eval batches (sample grids, reconstructions) are split over the devices, padded with
+  zeros to a multiple of the mesh size; n says which rows are real."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  x = np.arange(n * 3, dtype=np.float32).reshape(n, 3) + 1
+  y, m = sharding.batch_from_host(x, mesh)
+  rows = -(-n // 8) * 8
+  assert m == n and y.shape == (rows, 3) and y.sharding == sharding.batch_sharding(mesh)
+  assert sorted(s.data.shape for s in y.addressable_shards) == [(rows // 8, 3)] * 8
+  np.testing.assert_array_equal(np.asarray(y)[:n], x)
+  assert not np.asarray(y)[n:].any()

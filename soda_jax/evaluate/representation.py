@@ -109,12 +109,13 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, state, mesh,
   test_f = extract_features(model, variables, test["image"], mesh, bs)
   out = probe_features(train_f, train["label"], test_f, test["label"], num_classes)
   if recon_examples:
-    # Same images on every process -> one replicated global array (works across processes).
-    src = sharding.from_host(test["image"][:recon_examples], sharding.replicated(mesh))
+    # Same images on every process -> one global array split over the mesh (works across
+    # processes); rows >= n are padding.
+    src, n = sharding.batch_from_host(test["image"][:recon_examples], mesh)
     recon = generate.generate(model, variables, src,
                               jax.random.PRNGKey(0) if rng is None else rng, config.diffusion)
-    out["recon_psnr"] = float(jnp.mean(metrics.psnr(recon, src, data_range=2.0)))
-    out["recon_ssim"] = float(jnp.mean(metrics.ssim(recon, src, data_range=2.0)))
+    out["recon_psnr"] = float(jnp.mean(metrics.psnr(recon, src, data_range=2.0)[:n]))
+    out["recon_ssim"] = float(jnp.mean(metrics.ssim(recon, src, data_range=2.0)[:n]))
   logging.info("Representation eval took %.1fs: %s", time.time() - t0, out)
   return out
 
