@@ -76,14 +76,17 @@ def from_host(x: np.ndarray, target: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
 
-def batch_from_host(x: np.ndarray, mesh: Mesh) -> Tuple[jax.Array, int]:
-  """(`from_host` split over the batch axes, n): x (n, ...) padded with zeros to a multiple of
-  the mesh size, so each device works on its own slice instead of every device on all of
-  them (a replicated batch made the demo's 64 reconstructions 8x redundant). Callers drop
-  rows >= n of the results."""
+def batch_from_host(x: np.ndarray, mesh: Mesh, rows: int = 0) -> Tuple[jax.Array, int]:
+  """(`from_host` split over the batch axes, n): x (n, ...) zero-padded to `rows` (default: the
+  next multiple of the mesh size), so each device works on its own slice instead of every
+  device on all of them (a replicated batch made the demo's 64 reconstructions 8x redundant).
+  Callers drop rows >= n of the results."""
   x = np.asarray(x)
   n = x.shape[0]
-  pad = -n % mesh.size
-  if pad:
-    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+  rows = rows or n + (-n % mesh.size)
+  if rows < n or rows % mesh.size:
+    raise ValueError(f"rows={rows} must be >= the batch ({n}) and a multiple of the mesh size "
+                     f"({mesh.size})")
+  if rows > n:
+    x = np.concatenate([x, np.zeros((rows - n,) + x.shape[1:], x.dtype)])
   return from_host(x, batch_sharding(mesh)), n

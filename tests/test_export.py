@@ -42,12 +42,9 @@ TOL_HLO = 1e-5
 pytestmark = pytest.mark.xdist_group("export")
 
 
-_config = bn_tiny.config
-
-
 @functools.lru_cache(maxsize=None)
 def _trained(depth, stem, workdir):
-  config = _config(depth, stem)
+  config = bn_tiny.config(depth, stem)
   train.train_and_evaluate(config, workdir)
   return config
 
@@ -68,7 +65,7 @@ def r18(workroot):
 def _checkpoint(workdir, online=False):
   """The checkpoint's eval variables (read once per test module)."""
   assert os.path.basename(workdir) == "r18", workdir
-  config = _config(18, "cifar")
+  config = bn_tiny.config(18, "cifar")
   return V.from_checkpoint(config, workdir, online=online)[0]
 
 
@@ -132,7 +129,7 @@ def _max_err(a, b):
 def test_torchvision_names_shapes_match_torchvision_itself(depth):
   """Our state_dict == torchvision.models.resnetNN(num_classes=latent)'s: names, shapes, dtypes;
   and build_resnet at width 64 / imagenet stem / 3 channels is that model unchanged."""
-  config = _config(depth, "imagenet", width=64, image_size=32)
+  config = bn_tiny.config(depth, "imagenet", width=64, image_size=32)
   abstract = V.abstract_variables(V.build_model(config), config)
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   ours = {k: [list(v.shape), str(v.dtype)] for k, v in tv.state_dict(zeros, step=3).items()}
@@ -155,7 +152,7 @@ def test_torchvision_parity(depth, stem, weights, request, tmp_path):
     stats = traverse_util.flatten_dict(variables["batch_stats"])
     assert max(np.abs(v - (k[-1] == "var")).max() for k, v in stats.items()) > 1e-3
   else:
-    config = _config(depth, stem)
+    config = bn_tiny.config(depth, stem)
     variables = _random_variables(config)
     paths = {"torchvision": tv.save(str(tmp_path / "enc.safetensors"), variables, config,
                                     step=0)}
@@ -174,7 +171,7 @@ def test_torchvision_parity(depth, stem, weights, request, tmp_path):
 @needs_torch
 def test_torchvision_full_width_r18(tmp_path):
   """Width 64, imagenet stem, 3 channels: torchvision's resnet18 itself (no swap)."""
-  config = _config(18, "imagenet", width=64, image_size=32)
+  config = bn_tiny.config(18, "imagenet", width=64, image_size=32)
   variables = _random_variables(config, seed=2)
   path = tv.save(str(tmp_path / "r18.safetensors"), variables, config, step=0)
   images = _images(config, n=4)

@@ -82,3 +82,8 @@ def test_batch_from_host_pads_to_the_mesh_and_splits(n):
   assert sorted(s.data.shape for s in y.addressable_shards) == [(rows // 8, 3)] * 8
   np.testing.assert_array_equal(np.asarray(y)[:n], x)
   assert not np.asarray(y)[n:].any()
+  y, _ = sharding.batch_from_host(x, mesh, rows=24)  # a fixed shape for every chunk
+  assert y.shape == (24, 3) and not np.asarray(y)[n:].any()
+  for bad in (4, 20):  # below n; not a multiple of the mesh size
+    with pytest.raises(ValueError, match=f"rows={bad} must be >= the batch"):
+      sharding.batch_from_host(x, mesh, rows=bad)

@@ -36,12 +36,8 @@ def map_batches(fn, variables, images: np.ndarray, mesh, batch_size: int) -> Tup
       jax.jit(lambda v: v, out_shardings=sharding.replicated(mesh)), "replicate")(variables)
   outs = []
   for i in range(0, n, batch_size):
-    chunk = images[i:i + batch_size]
-    pad = batch_size - chunk.shape[0]
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out = fn(variables, sharding.from_host(chunk, sharding.batch_sharding(mesh)))
-    outs.append([np.asarray(o)[:batch_size - pad] for o in out])
+    chunk, m = sharding.batch_from_host(images[i:i + batch_size], mesh, rows=batch_size)
+    outs.append([np.asarray(o)[:m] for o in fn(variables, chunk)])
   return tuple(np.concatenate(parts) for parts in zip(*outs))
 
 
