@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from soda_jax.data import cameras
+from soda_jax.models import convolution
 
 Dtype = Any
 
@@ -29,7 +30,7 @@ def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = F
       features, (kernel, kernel), strides=(stride, stride), padding="SAME", dtype=dtype,
       kernel_init=nn.with_logical_partitioning(init, CONV_AXES),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-      name=name)
+      conv_general_dilated=convolution.conv_general_dilated, name=name)
 
 
 def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from soda_jax.models import convolution
+
 Dtype = Any
 
 DEPTHS = (18, 34, 50)
@@ -48,7 +50,8 @@ def _conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype,
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
       use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(init, CONV_AXES), name=name)
+      kernel_init=nn.with_logical_partitioning(init, CONV_AXES),
+      conv_general_dilated=convolution.conv_general_dilated, name=name)
 
 
 class BasicBlock(nn.Module):
