@@ -50,16 +50,16 @@ def test_tap_gradients_match_xla(h, w, k, stride, padding, monkeypatch):
       y, lax.conv_general_dilated(x, kern, (stride, stride), padding, dimension_numbers=_DN))
 
 
-def _compiled_convs(mode, monkeypatch, dtype=jnp.float32):
+def _compiled_convs(mode, monkeypatch):
   """Convolutions in the compiled gradient of one layers.conv: forward + input gradient (+ the
   weight gradient when XLA computes it)."""
   monkeypatch.setenv(convolution.ENV, mode)
-  mod = layers.conv(4, dtype=dtype)
+  mod = layers.conv(4)
   x = jnp.ones((2, 6, 6, 3), jnp.float32)
   params = mod.init(jax.random.PRNGKey(0), x)
 
   def loss(p, x):
-    return jnp.sum(mod.apply(p, x).astype(jnp.float32) ** 2)
+    return jnp.sum(mod.apply(p, x) ** 2)
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
   hlo = grad.lower(params, x).compile().as_text()

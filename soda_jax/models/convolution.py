@@ -66,10 +66,11 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None) -> jax.Array:
   """Drop-in for `lax.conv_general_dilated` (what `flax.linen.Conv` calls)."""
+  mode = weight_grad_mode()  # first, so a bad SODA_CONV_WEIGHT_GRAD fails on any conv
   covered = (_is_nhwc(lhs, rhs, dimension_numbers) and _ones(lhs_dilation)
              and _ones(rhs_dilation) and feature_group_count == 1 and batch_group_count == 1
              and preferred_element_type is None)
-  if not covered or weight_grad_mode() == "xla":
+  if not covered or mode == "xla":
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
