@@ -93,7 +93,7 @@ def test_resume_after_kill_is_bitwise_equal(tmp_path):
   """N steps in one go == SIGKILLed once >= N/2 steps are checkpointed, then resumed: bitwise.
 
   CI runs N=10, checkpoints at 5 and 10 (the property needs a kill between two checkpoints, not
-  length: 20 steps cost two more blocking saves per launch);
+  length);
   SODA_RESUME_STEPS=2000 gives the issue's 2k (passed: 2047 s on 2 busy cores). The
   kill lands at an arbitrary point (possibly mid async save); resume must pick the newest
   *complete* checkpoint and replay data order and randomness exactly.
