@@ -6,7 +6,7 @@
 #   bash launch/local_multiprocess.sh 2 configs/tiny.py --workdir=/tmp/soda_mp [--config.x=y ...]
 #
 # Each process gets SODA_LOCAL_DEVICES (default 4) CPU devices, so 2 processes form an 8-device
-# mesh (e.g. --config.mesh.shape='(2,4)'). Coordinator: 127.0.0.1 on a free port. With
+# mesh (e.g. --config.mesh.shape='(2,4)'); other XLA_FLAGS of the caller are kept. Coordinator: 127.0.0.1 on a free port. With
 # SODA_LOG_DIR set, process i logs to $SODA_LOG_DIR/process_i.log. Prints one line
 # "local_multiprocess: process i pid P" per process. If any process fails, the others are
 # killed (they cannot go on without it); the exit code is the first failure's, else 0.
@@ -21,7 +21,8 @@ PORT=${SODA_COORDINATOR_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket()
 
 pids=()
 for ((i = 0; i < N; i++)); do
-  cmd=(env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES"
+  cmd=(env JAX_PLATFORMS=cpu
+       XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES"
        "$PYTHON" -m soda_jax.main --config="$CONFIG" --coordinator_address="127.0.0.1:$PORT"
        --num_processes="$N" --process_id="$i" "$@")
   if ((DRY_RUN)); then

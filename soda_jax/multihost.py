@@ -2,20 +2,32 @@
 
 A compiled program's first collective waits for every process that shares it. Processes
 reach it as far apart as their compile times differ, and those differ a lot: only process 0
-reads and writes the persistent compilation cache, and a busy host compiles slower. On CPU the
+writes the persistent compilation cache, and a busy host compiles slower. On CPU the
 collectives are gloo's, which fails a peer more than 30 s late ("Gloo context initialization
 failed ... GetKeyValue() timed out"; seen in the 2-process test, docs/benchmarks.md). So every
 program that spans processes is compiled first, then all processes meet at a barrier of the
 coordination service (started by `jax.distributed.initialize`, timeout ours), then it runs.
 """
 import itertools
+import time
 from typing import Any, Callable
 
+from absl import logging
 import jax
 from jax._src import distributed  # the coordination-service client; no public handle yet
 
 BARRIER_TIMEOUT_S = 1800  # one compile of the largest program on a slow host, with margin
 _barrier_ids = itertools.count()  # the same sequence on every process: they run one program
+_cache_hits = [0]  # persistent-cache hits in this process (JAX's monitoring events)
+
+
+def _count_cache_hits(event: str, **kwargs) -> None:
+  del kwargs
+  if event == "/jax/compilation_cache/cache_hits":
+    _cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hits)
 
 
 def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
@@ -24,6 +36,40 @@ def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
     return
   barrier_id = f"soda/{name}/{next(_barrier_ids)}"  # a barrier id is used once
   distributed.global_state.client.wait_at_barrier(barrier_id, timeout_s * 1000)
+
+
+def share_cpu_compilation_cache() -> bool:
+  """Compile each program once per multi-process CPU run, and load it from the cache after.
+
+  JAX writes the persistent cache only from process 0, and on CPU each process computes a
+  different key for the same program: the key hashes the device topology's fingerprint, which
+  on CPU differs per process (measured: the only one of the key's eight parts that differs).
+  So every other process recompiled every program at every start (~80 s for the tiny train
+  step), and a restart after preemption cost a full compile. On CPU every process runs the same
+  executable on its own devices, so the key is made to hash what the program depends on (the
+  kind and number of devices, the process count). With equal keys, JAX's
+  `share_binary_between_hosts` also works (it deadlocked before: each process waited for its
+  own key): on a cache miss process 0 compiles and hands the binary to the others, which wait
+  instead of compiling the same program on the same cores.
+
+  Returns whether the change was made (CPU, several processes, the private hook present;
+  otherwise keys stay as JAX makes them, which is only slower).
+  """
+  if jax.process_count() == 1 or jax.default_backend() != "cpu":
+    return False
+  from jax._src import cache_key  # pylint: disable=g-import-not-at-top
+  if not callable(getattr(cache_key, "_hash_accelerator_config", None)):
+    logging.warning("jax._src.cache_key._hash_accelerator_config is gone in jax %s: processes "
+                    "other than 0 will compile every program", jax.__version__)
+    return False
+
+  def _hash_cpu_devices(hash_obj, devices) -> None:
+    kinds = sorted({d.device_kind for d in devices.flat})
+    hash_obj.update(f"cpu:{kinds}:{devices.size}:{jax.process_count()}".encode())
+
+  cache_key._hash_accelerator_config = _hash_cpu_devices
+  jax.config.update("jax_share_binary_between_hosts", True)
+  return True
 
 
 def _signature(args, kwargs) -> Any:
@@ -58,7 +104,14 @@ def compile_then_meet(jitted: Callable, name: str) -> Callable:
     if jax.process_count() > 1:
       sig = _signature(args, kwargs)
       if sig not in seen:
+        start, hits = time.perf_counter(), _cache_hits[0]
         jitted.lower(*args, **kwargs).compile()
+        # Which processes compiled and which loaded from the cache: on a pod the waits at
+        # the barrier below are the slowest process's compile.
+        logging.info("%s: %s in %.1f s, process %d", name,
+                     "loaded from the persistent cache" if _cache_hits[0] > hits
+                     else "compiled (or received from process 0)",
+                     time.perf_counter() - start, jax.process_index())
         barrier(f"compiled/{name}")
         seen.add(sig)
     return jitted(*args, **kwargs)

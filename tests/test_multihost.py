@@ -87,3 +87,31 @@ def test_batch_from_host_pads_to_the_mesh_and_splits(n):
   for bad in (4, 20):  # below n; not a multiple of the mesh size
     with pytest.raises(ValueError, match=f"rows={bad} must be >= the batch"):
       sharding.batch_from_host(x, mesh, rows=bad)
+
+
+def test_share_cpu_compilation_cache_keys_on_device_kind_count_and_processes(monkeypatch):
+  """Multi-process CPU: the cache key's device part no longer hashes the per-process topology
+  fingerprint, so every process computes process 0's key (and JAX's binary sharing is on)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from jax._src import cache_key  # pylint: disable=g-import-not-at-top
+
+  def device_hash(devices):
+    h = hashlib.sha256()
+    cache_key._hash_accelerator_config(h, devices)
+    return h.hexdigest()
+
+  devices = np.array(jax.devices())
+  monkeypatch.setattr(cache_key, "_hash_accelerator_config", cache_key._hash_accelerator_config)
+  share = jax.config.jax_share_binary_between_hosts
+  assert not multihost.share_cpu_compilation_cache()  # one process: nothing changes
+  before = device_hash(devices)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  try:
+    assert multihost.share_cpu_compilation_cache()
+    assert jax.config.jax_share_binary_between_hosts
+    after = device_hash(devices)
+    expected = hashlib.sha256(f"cpu:['cpu']:{devices.size}:2".encode()).hexdigest()
+    assert after == expected != before
+    assert device_hash(devices[: devices.size // 2]) != after  # the device count still counts
+  finally:
+    jax.config.update("jax_share_binary_between_hosts", share)

@@ -35,7 +35,9 @@ class _Launch:
   def __init__(self, workdir, name, *flags):
     self.logs = workdir / f"logs_{name}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(PYTHON=sys.executable, PYTHONPATH=ROOT, SODA_LOG_DIR=str(self.logs))
+    # The suite's LLVM level (conftest); the launcher adds its own device count.
+    env.update(PYTHON=sys.executable, PYTHONPATH=ROOT, SODA_LOG_DIR=str(self.logs),
+               XLA_FLAGS="--xla_backend_optimization_level=1")
     self.proc = subprocess.Popen(
         ["bash", LAUNCH, "2", "configs/tiny.py", f"--workdir={workdir}", *COMMON, *flags],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -122,6 +124,9 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   run.wait()
   for i in (0, 1):
     assert f"Resumed from step {stopped}" in run.log(i), run.log(i)[-3000:]
+    # Every process loads the train step that process 0 cached in (a): no recompiles on
+    # restart (multihost.share_cpu_compilation_cache).
+    assert "train_step: loaded from the persistent cache in" in run.log(i), run.log(i)[-3000:]
   killed_at = max(checkpointing.steps_on_disk(c))
   assert killed_at < STEPS, checkpointing.steps_on_disk(c)
   run = _Launch(c, "c3", *flags)
@@ -131,12 +136,19 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
 
 
 @pytest.mark.parametrize("script,env,args,expected", [
-    ("local_multiprocess.sh", {"SODA_COORDINATOR_PORT": "1234", "PYTHON": "python"},
+    ("local_multiprocess.sh",
+     {"SODA_COORDINATOR_PORT": "1234", "PYTHON": "python", "XLA_FLAGS": ""},
      ["--dry_run", "2", "configs/tiny.py", "--workdir=/w"],
      [["env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m "
        "soda_jax.main --config=configs/tiny.py --coordinator_address=127.0.0.1:1234 "
        "--num_processes=2 --process_id=0 --workdir=/w"],
       ["--coordinator_address=127.0.0.1:1234 --num_processes=2 --process_id=1 --workdir=/w"]]),
+    ("local_multiprocess.sh",  # the caller's XLA flags are kept, the device count added
+     {"SODA_COORDINATOR_PORT": "1", "SODA_LOCAL_DEVICES": "2", "PYTHON": "python",
+      "XLA_FLAGS": "--xla_backend_optimization_level=1"},
+     ["--dry_run", "1", "configs/tiny.py", "--workdir=/w"],
+     [[r"XLA_FLAGS=--xla_backend_optimization_level=1\ --xla_force_host_platform_device_count=2"
+       " python -m soda_jax.main"]]),
     ("single_gpu.sh", {}, ["--dry_run", "configs/cifar10.py", "/w", "--config.batch_size=8"],
      [["python -m soda_jax.main --config=configs/cifar10.py --workdir=/w --config.batch_size=8"]]),
     ("gpu_slurm.sh", {}, ["--dry_run", "configs/imagenet.py", "/w", "/tfds", "--config.seed=1"],
