@@ -37,8 +37,6 @@ def initialize_distributed(config) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   else:
     jax.distributed.initialize()
-  from soda_jax import multihost  # pylint: disable=g-import-not-at-top
-  multihost.share_cpu_compilation_cache()
 
 
 def main(argv):

@@ -8,7 +8,12 @@ failed ... GetKeyValue() timed out"; seen in the 2-process test, docs/benchmarks
 program that spans processes is compiled first, then all processes meet at a barrier of the
 coordination service (started by `jax.distributed.initialize`, timeout ours), then it runs.
 """
+import hashlib
 import itertools
+import os
+import platform
+import socket
+import threading
 import time
 from typing import Any, Callable
 
@@ -18,13 +23,15 @@ from jax._src import distributed  # the coordination-service client; no public h
 
 BARRIER_TIMEOUT_S = 1800  # one compile of the largest program on a slow host, with margin
 _barrier_ids = itertools.count()  # the same sequence on every process: they run one program
-_cache_hits = [0]  # persistent-cache hits in this process (JAX's monitoring events)
+# Persistent-cache hits per thread (JAX records the event on the thread that compiles, so an
+# Orbax thread's compile cannot be counted as the main thread's).
+_cache_hits = threading.local()
 
 
 def _count_cache_hits(event: str, **kwargs) -> None:
   del kwargs
   if event == "/jax/compilation_cache/cache_hits":
-    _cache_hits[0] += 1
+    _cache_hits.n = getattr(_cache_hits, "n", 0) + 1
 
 
 jax.monitoring.register_event_listener(_count_cache_hits)
@@ -38,37 +45,77 @@ def barrier(name: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
   distributed.global_state.client.wait_at_barrier(barrier_id, timeout_s * 1000)
 
 
-def share_cpu_compilation_cache() -> bool:
+def _cpu_features() -> str:
+  """What a CPU executable depends on beyond the program: the instruction set it was built for
+  (JAX's own key hashes it inside the topology fingerprint dropped below)."""
+  flags = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line for line in f if line.startswith("flags")), "")
+  except OSError:
+    pass
+  return f"{platform.machine()}:{hashlib.sha256(flags.encode()).hexdigest()}"
+
+
+def _all_processes_agree(value: str, name: str) -> bool:
+  """Whether every process passed the same `value` (through the coordination service's
+  key-value store, not the collectives)."""
+  client = distributed.global_state.client
+  client.key_value_set(f"soda/{name}/{jax.process_index()}", value)
+  return all(client.blocking_key_value_get(f"soda/{name}/{i}", BARRIER_TIMEOUT_S * 1000) == value
+             for i in range(jax.process_count()))
+
+
+_shared = {}  # cache_dir -> result: the exchange above runs once per process and directory
+
+
+def share_cpu_compilation_cache(cache_dir: str) -> bool:
   """Compile each program once per multi-process CPU run, and load it from the cache after.
 
   JAX writes the persistent cache only from process 0, and on CPU each process computes a
   different key for the same program: the key hashes the device topology's fingerprint, which
   on CPU differs per process (measured: the only one of the key's eight parts that differs).
   So every other process recompiled every program at every start (~80 s for the tiny train
-  step), and a restart after preemption cost a full compile. On CPU every process runs the same
-  executable on its own devices, so the key is made to hash what the program depends on (the
-  kind and number of devices, the process count). With equal keys, JAX's
-  `share_binary_between_hosts` also works (it deadlocked before: each process waited for its
-  own key): on a cache miss process 0 compiles and hands the binary to the others, which wait
-  instead of compiling the same program on the same cores.
+  step), and a restart after preemption cost a full compile. Here the key hashes instead what a
+  CPU executable depends on: the kind and number of devices, the process count and the CPU's
+  architecture and instruction-set flags. Processes reading one cache directory then load
+  process 0's entries (programs over one process's own devices keep distinct keys: the device
+  assignment is part of the key on CPU).
 
-  Returns whether the change was made (CPU, several processes, the private hook present;
-  otherwise keys stay as JAX makes them, which is only slower).
+  When all processes are on one host and use one cache directory (so a cache hit on process 0
+  is a hit everywhere), JAX's `share_binary_between_hosts` is turned on as well: on a miss
+  process 0 compiles and hands the binary over, and the others wait instead of compiling the
+  same program on the same cores. Across hosts it stays off: there process 0 could hit its own
+  cache while another host misses and waits for a binary that is never sent.
+
+  Returns whether the keys were changed (CPU, several processes, a cache directory, and JAX's
+  private hook present; otherwise keys stay as JAX makes them, which is only slower).
   """
-  if jax.process_count() == 1 or jax.default_backend() != "cpu":
+  if jax.process_count() == 1 or jax.default_backend() != "cpu" or not cache_dir:
     return False
+  if cache_dir in _shared:
+    return _shared[cache_dir]
   from jax._src import cache_key  # pylint: disable=g-import-not-at-top
   if not callable(getattr(cache_key, "_hash_accelerator_config", None)):
     logging.warning("jax._src.cache_key._hash_accelerator_config is gone in jax %s: processes "
                     "other than 0 will compile every program", jax.__version__)
+    _shared[cache_dir] = False
     return False
+  features = _cpu_features()
 
   def _hash_cpu_devices(hash_obj, devices) -> None:
     kinds = sorted({d.device_kind for d in devices.flat})
-    hash_obj.update(f"cpu:{kinds}:{devices.size}:{jax.process_count()}".encode())
+    hash_obj.update(f"cpu:{kinds}:{devices.size}:{jax.process_count()}:{features}".encode())
 
   cache_key._hash_accelerator_config = _hash_cpu_devices
-  jax.config.update("jax_share_binary_between_hosts", True)
+  where = f"{socket.gethostname()}|{os.path.abspath(cache_dir)}"
+  if _all_processes_agree(where, "compilation_cache_host"):
+    jax.config.update("jax_share_binary_between_hosts", True)
+    jax.config.update("jax_share_binary_between_hosts_timeout_ms", BARRIER_TIMEOUT_S * 1000)
+  logging.info("Multi-process CPU: one compilation-cache key for all processes; binary sharing "
+               "%s", "on (one host, one cache)" if jax.config.jax_share_binary_between_hosts
+               else "off (several hosts or caches)")
+  _shared[cache_dir] = True
   return True
 
 
@@ -104,12 +151,12 @@ def compile_then_meet(jitted: Callable, name: str) -> Callable:
     if jax.process_count() > 1:
       sig = _signature(args, kwargs)
       if sig not in seen:
-        start, hits = time.perf_counter(), _cache_hits[0]
+        start, hits = time.perf_counter(), getattr(_cache_hits, "n", 0)
         jitted.lower(*args, **kwargs).compile()
         # Which processes compiled and which loaded from the cache: on a pod the waits at
         # the barrier below are the slowest process's compile.
         logging.info("%s: %s in %.1f s, process %d", name,
-                     "loaded from the persistent cache" if _cache_hits[0] > hits
+                     "loaded from the persistent cache" if getattr(_cache_hits, "n", 0) > hits
                      else "compiled (or received from process 0)",
                      time.perf_counter() - start, jax.process_index())
         barrier(f"compiled/{name}")

@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from soda_jax import checkpointing, config_checks, sharding, train_step as ts
+from soda_jax import checkpointing, config_checks, multihost, sharding, train_step as ts
 from soda_jax.data import pipeline
 from soda_jax.data import sources
 from soda_jax.evaluate import generate, nvs, representation, z_usage
@@ -99,6 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ---------------------------------------------------------------- validate + mesh
   config_checks.check(config, jax.device_count(), jax.process_count())
   enable_compilation_cache(config.compilation_cache_dir)
+  multihost.share_cpu_compilation_cache(jax.config.jax_compilation_cache_dir or "")
   mesh = sharding.make_mesh(config)
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writers.create_default_writer(

@@ -89,9 +89,11 @@ def test_batch_from_host_pads_to_the_mesh_and_splits(n):
       sharding.batch_from_host(x, mesh, rows=bad)
 
 
-def test_share_cpu_compilation_cache_keys_on_device_kind_count_and_processes(monkeypatch):
+@pytest.mark.parametrize("one_host", [True, False])
+def test_share_cpu_compilation_cache_keys_and_binary_sharing(monkeypatch, one_host):
   """Multi-process CPU: the cache key's device part no longer hashes the per-process topology
-  fingerprint, so every process computes process 0's key (and JAX's binary sharing is on)."""
+  fingerprint (so every process computes process 0's key) but still the device count and the
+  CPU; JAX's binary sharing is turned on only when all processes share one host and cache."""
   import hashlib  # pylint: disable=g-import-not-at-top
   from jax._src import cache_key  # pylint: disable=g-import-not-at-top
 
@@ -102,16 +104,29 @@ def test_share_cpu_compilation_cache_keys_on_device_kind_count_and_processes(mon
 
   devices = np.array(jax.devices())
   monkeypatch.setattr(cache_key, "_hash_accelerator_config", cache_key._hash_accelerator_config)
-  share = jax.config.jax_share_binary_between_hosts
-  assert not multihost.share_cpu_compilation_cache()  # one process: nothing changes
+  monkeypatch.setattr(multihost, "_shared", {})
+  agreed = []
+  monkeypatch.setattr(multihost, "_all_processes_agree",
+                      lambda value, name: agreed.append((value, name)) or one_host)
+  share = (jax.config.jax_share_binary_between_hosts,
+           jax.config.jax_share_binary_between_hosts_timeout_ms)
+  assert not multihost.share_cpu_compilation_cache("/c")  # one process: nothing changes
   before = device_hash(devices)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   try:
-    assert multihost.share_cpu_compilation_cache()
-    assert jax.config.jax_share_binary_between_hosts
+    assert not multihost.share_cpu_compilation_cache("")  # no cache: nothing to share
+    assert multihost.share_cpu_compilation_cache("/c")
+    assert multihost.share_cpu_compilation_cache("/c") and len(agreed) == 1  # exchanged once
+    assert agreed[0][0].endswith("|/c")  # host|cache directory
+    assert jax.config.jax_share_binary_between_hosts == one_host
+    if one_host:
+      assert jax.config.jax_share_binary_between_hosts_timeout_ms == (
+          multihost.BARRIER_TIMEOUT_S * 1000)
     after = device_hash(devices)
-    expected = hashlib.sha256(f"cpu:['cpu']:{devices.size}:2".encode()).hexdigest()
+    expected = hashlib.sha256(
+        f"cpu:['cpu']:{devices.size}:2:{multihost._cpu_features()}".encode()).hexdigest()
     assert after == expected != before
     assert device_hash(devices[: devices.size // 2]) != after  # the device count still counts
   finally:
-    jax.config.update("jax_share_binary_between_hosts", share)
+    jax.config.update("jax_share_binary_between_hosts", share[0])
+    jax.config.update("jax_share_binary_between_hosts_timeout_ms", share[1])
