@@ -6,9 +6,9 @@ python -m soda_jax.main --config=configs/nvs_synthetic.py --workdir=/tmp/soda_nv
 evaluate/nvs.py scores samples of held-out views of unseen objects with 1 and 3 source views
 against copying the nearest source view and the latent-free model (workdir/nvs_eval.json).
 
-Measured once (session 8, 2-core AMD EPYC, docs/benchmarks.md): 0.6-0.7 steps/s when alone, so
-~20 min of training plus ~2 min of NVS evaluation (renders cached). After those 800 steps the
-samples do not yet show the objects (PSNR 10.1 vs 14.5 for copying the nearest source view).
+Measured (2-core AMD EPYC, docs/benchmarks.md): 0.6-0.7 steps/s when alone, so ~20 min of
+training plus ~2 min of NVS evaluation (renders cached). After those 800 steps the samples do
+not yet beat copying the nearest source view (1 view: 12.5 dB vs 14.5; 10.4 with t ~ U(0, 1)).
 Variants: `:steps=N`; `:variant=tiny` (16x16, tiny model, a few steps: tests and smoke runs).
 """
 from soda_jax import config_base
@@ -30,6 +30,9 @@ def get_config(arg=None):
   c.log_every_steps = 25
   c.checkpoint_every_steps = 200
   c.diffusion.sample_steps = 25
+  # More training draws at high noise (t = 1 - (1 - u)^3), as in configs/demo.py: 1-view NVS
+  # 12.54 vs 10.36 dB after 800 steps (one seed, session 12, docs/benchmarks.md).
+  c.diffusion.t_power = 3.0
   c.evals.nvs_objects = 32
   if a.variant == "tiny":
     c.data.image_size = 16
