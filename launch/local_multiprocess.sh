@@ -6,9 +6,9 @@
 #   bash launch/local_multiprocess.sh 2 configs/tiny.py --workdir=/tmp/soda_mp [--config.x=y ...]
 #
 # Each process gets SODA_LOCAL_DEVICES (default 4) CPU devices, so 2 processes form an 8-device
-# mesh (e.g. --config.mesh.shape='(2,4)'); other XLA_FLAGS of the caller are kept. Coordinator: 127.0.0.1 on a free port. With
-# SODA_LOG_DIR set, process i logs to $SODA_LOG_DIR/process_i.log. Prints one line
-# "local_multiprocess: process i pid P" per process. If any process fails, the others are
+# mesh (e.g. --config.mesh.shape='(2,4)'); other XLA_FLAGS of the caller are kept.
+# Coordinator: 127.0.0.1 on a free port. With SODA_LOG_DIR set, process i logs to
+# $SODA_LOG_DIR/process_i.log. Prints one line "local_multiprocess: process i pid P" per process. If any process fails, the others are
 # killed (they cannot go on without it); the exit code is the first failure's, else 0.
 # --dry_run prints the commands instead of running them.
 set -euo pipefail

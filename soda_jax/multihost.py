@@ -66,7 +66,7 @@ def _all_processes_agree(value: str, name: str) -> bool:
              for i in range(jax.process_count()))
 
 
-_shared = {}  # cache_dir -> result: the exchange above runs once per process and directory
+_shared = []  # [result] once decided: the key patch is process-wide, the exchange runs once
 
 
 def share_cpu_compilation_cache(cache_dir: str) -> bool:
@@ -89,17 +89,18 @@ def share_cpu_compilation_cache(cache_dir: str) -> bool:
   cache while another host misses and waits for a binary that is never sent.
 
   Returns whether the keys were changed (CPU, several processes, a cache directory, and JAX's
-  private hook present; otherwise keys stay as JAX makes them, which is only slower).
+  private hook present; otherwise keys stay as JAX makes them, which is only slower). Decided
+  once per process: later calls (a learning curve trains several runs) return that decision.
   """
   if jax.process_count() == 1 or jax.default_backend() != "cpu" or not cache_dir:
     return False
-  if cache_dir in _shared:
-    return _shared[cache_dir]
+  if _shared:
+    return _shared[0]
   from jax._src import cache_key  # pylint: disable=g-import-not-at-top
   if not callable(getattr(cache_key, "_hash_accelerator_config", None)):
     logging.warning("jax._src.cache_key._hash_accelerator_config is gone in jax %s: processes "
                     "other than 0 will compile every program", jax.__version__)
-    _shared[cache_dir] = False
+    _shared.append(False)
     return False
   features = _cpu_features()
 
@@ -115,7 +116,7 @@ def share_cpu_compilation_cache(cache_dir: str) -> bool:
   logging.info("Multi-process CPU: one compilation-cache key for all processes; binary sharing "
                "%s", "on (one host, one cache)" if jax.config.jax_share_binary_between_hosts
                else "off (several hosts or caches)")
-  _shared[cache_dir] = True
+  _shared.append(True)
   return True
 
 

@@ -104,7 +104,7 @@ def test_share_cpu_compilation_cache_keys_and_binary_sharing(monkeypatch, one_ho
 
   devices = np.array(jax.devices())
   monkeypatch.setattr(cache_key, "_hash_accelerator_config", cache_key._hash_accelerator_config)
-  monkeypatch.setattr(multihost, "_shared", {})
+  monkeypatch.setattr(multihost, "_shared", [])
   agreed = []
   monkeypatch.setattr(multihost, "_all_processes_agree",
                       lambda value, name: agreed.append((value, name)) or one_host)
@@ -116,7 +116,7 @@ def test_share_cpu_compilation_cache_keys_and_binary_sharing(monkeypatch, one_ho
   try:
     assert not multihost.share_cpu_compilation_cache("")  # no cache: nothing to share
     assert multihost.share_cpu_compilation_cache("/c")
-    assert multihost.share_cpu_compilation_cache("/c") and len(agreed) == 1  # exchanged once
+    assert multihost.share_cpu_compilation_cache("/d") and len(agreed) == 1  # decided once
     assert agreed[0][0].endswith("|/c")  # host|cache directory
     assert jax.config.jax_share_binary_between_hosts == one_host
     if one_host:

@@ -4,10 +4,11 @@ collectives, each process reading its own share of the data (launch/local_multip
 One test, four launches of both processes. Launch (a) compiles each program once (process 0
 compiles and hands the binary over); the restarts load them from the suite's persistent cache
 on both processes (multihost.share_cpu_compilation_cache; ~6 min cold on 2 cores). (a) a
-straight run, whose end-of-run sample grid and probe table only process 0 writes (d); (c) SIGTERM to ONE process: both stop
-at the same step, save it and exit 0; (b) the restart resumes there, both processes are
-SIGKILLed after its next checkpoint, and the next restart ends with params bitwise equal to
-(a)'s. Every wait has a timeout, and the process group is killed on the way out.
+straight run, whose end-of-run sample grid and probe table only process 0 writes (d); (c)
+SIGTERM to ONE process: both stop at the same step, save it and exit 0; (b) the restart
+resumes there, both processes are SIGKILLed after its next checkpoint, and the next restart
+ends with params bitwise equal to (a)'s. Every wait has a timeout, and the process group is
+killed on the way out.
 """
 import os
 import signal
