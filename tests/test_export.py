@@ -71,13 +71,18 @@ def _checkpoint(workdir, online=False):
 
 @pytest.fixture(scope="module")
 def r18_export(r18, workroot):
-  """{format: path}: the R18 checkpoint exported once in every format this machine can write."""
+  """{format: path}: the R18 checkpoint exported once in every format this machine can write.
+
+  Into a directory that already holds a torchvision file of other (random) weights, with onnx
+  asked for before torchvision: the ONNX parity test then also shows that the ONNX export does
+  not build from a stale file left by an earlier export."""
   config, workdir = r18
-  formats = ["torchvision", "safetensors", "stablehlo", "saved_model"]
-  if HAS_ONNX:
-    formats.append("onnx")
-  return export_lib.export_checkpoint(config, workdir, formats, str(workroot / "r18_out"),
-                                      platforms=["cpu"])
+  out = workroot / "r18_out"
+  out.mkdir()
+  tv.save(str(out / tv.FILENAME), _random_variables(config), config, step=0)
+  formats = (["onnx"] if HAS_ONNX else []) + ["torchvision", "safetensors", "stablehlo",
+                                               "saved_model"]
+  return export_lib.export_checkpoint(config, workdir, formats, str(out), platforms=["cpu"])
 
 
 def _random_variables(config, seed=0):
@@ -262,27 +267,36 @@ _FRESH = textwrap.dedent("""
 """)
 
 
-def test_stablehlo_in_a_fresh_process(r18, r18_export, tmp_path):
-  config, workdir = r18
-  out = os.path.dirname(r18_export["stablehlo"])
-  variables = _checkpoint(workdir)
+def _fresh_process_errors(config, variables, out, tmp_path):
+  """Max abs error of out/{encode,denoise}.stablehlo called in a fresh process (no soda_jax
+  import) against `model.apply` here, at batch sizes 2 and 5, on inputs made from the exported
+  signature (stablehlo.encode_inputs / denoise_inputs: every pose's inputs)."""
   model = V.build_model(config)
   rng = np.random.default_rng(0)
+
+  def value(name, spec):
+    if name == "x":
+      return _images(config, n=spec.shape[0] + 1)[:spec.shape[0]]
+    if spec.dtype == jnp.bool_:
+      return rng.uniform(size=spec.shape) > 0.3
+    if name == "t":
+      return rng.uniform(0, 1, spec.shape).astype(np.float32)
+    if name == "target_box":  # (y0, x0, y1, x1): crops of the source
+      lo, hi = rng.uniform(0, 0.4, (spec.shape[0], 2)), rng.uniform(0.6, 1, (spec.shape[0], 2))
+      return np.concatenate([lo, hi], axis=1).astype(np.float32)
+    return rng.normal(size=spec.shape).astype(np.float32)
+
   io = {}
   for b in (2, 5):
-    images = _images(config, n=b + 1)[:b]
-    io.update({f"encode_in0_{b}": images})
-    for i, o in enumerate(_encode(config, variables, images)):
-      io[f"encode_out{i}_{b}"] = o
-    s, c = config.data.image_size, config.data.channels
-    args = [rng.normal(size=(b, s, s, c)).astype(np.float32),
-            rng.uniform(0, 1, (b,)).astype(np.float32),
-            rng.normal(size=(b, config.model.latent_dim)).astype(np.float32),
-            rng.uniform(size=(b, model.num_subvectors)) > 0.3]
-    for i, a in enumerate(args):
-      io[f"denoise_in{i}_{b}"] = a
-    pred = jax.jit(functools.partial(model.apply, method=soda.SODA.denoise))(variables, *args)
-    io[f"denoise_out0_{b}"] = np.asarray(pred)
+    for name, specs, method in (("encode", stablehlo.encode_inputs(config, b), soda.SODA.encode),
+                                ("denoise", stablehlo.denoise_inputs(model, config, b),
+                                 soda.SODA.denoise)):
+      args = {k: value(k, spec) for k, spec in specs.items()}
+      for i, a in enumerate(args.values()):
+        io[f"{name}_in{i}_{b}"] = a
+      res = jax.jit(lambda v, a, m=method: model.apply(v, **a, method=m))(variables, args)
+      for i, o in enumerate(res if isinstance(res, tuple) else (res,)):
+        io[f"{name}_out{i}_{b}"] = np.asarray(o)
   np.savez(os.path.join(out, "io.npz"), **io)  # the subprocess reads only files in `out`
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -290,11 +304,38 @@ def test_stablehlo_in_a_fresh_process(r18, r18_export, tmp_path):
                         env=env, cwd=str(tmp_path), timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   errs = json.loads(proc.stdout.strip().splitlines()[-1])
-  print(f"\nStableHLO fresh process max abs errors: {errs}")
+  print(f"\nStableHLO ({config.model.pose} pose) fresh process max abs errors: {errs}")
   assert set(errs) == {"encode_2", "encode_5", "denoise_2", "denoise_5"}
+  return errs
+
+
+def test_stablehlo_in_a_fresh_process(r18, r18_export, tmp_path):
+  config, workdir = r18
+  out = os.path.dirname(r18_export["stablehlo"])
+  errs = _fresh_process_errors(config, _checkpoint(workdir), out, tmp_path)
   assert max(errs.values()) < TOL_HLO
   sig = json.load(open(os.path.join(out, "stablehlo.json")))
   assert sig["encode"]["in"] == ["float32[b,16,16,3]"]
+  assert sig["denoise"]["in_names"] == ["x_t", "t", "z", "keep"]
+
+
+@pytest.mark.parametrize("pose,encode_in,denoise_in", [
+    ("box", ["x"], ["x_t", "t", "z", "keep", "target_box", "pose_keep"]),
+    ("rays", ["x", "source_rays"], ["x_t", "t", "z", "keep", "pose_keep", "target_rays"]),
+])
+def test_stablehlo_pose_inputs(pose, encode_in, denoise_in, tmp_path):
+  """The pose models (the demo's box, the 3-D demo's camera rays) export with their pose inputs
+  and match in a fresh process (random weights: the signature is what is under test)."""
+  config = bn_tiny.config(18, "cifar")
+  config.model.pose = pose
+  variables = _random_variables(config)
+  out = str(tmp_path / "out")
+  stablehlo.save(out, variables, config, platforms=["cpu"])
+  assert max(_fresh_process_errors(config, variables, out, tmp_path).values()) < TOL_HLO
+  sig = json.load(open(os.path.join(out, "stablehlo.json")))
+  assert (sig["encode"]["in_names"], sig["denoise"]["in_names"]) == (encode_in, denoise_in)
+  if pose == "rays":
+    assert sig["encode"]["in"] == ["float32[b,16,16,3]", "float32[b,16,16,6]"]
 
 
 def test_stablehlo_lowers_for_cpu_cuda_tpu(r18):
@@ -365,12 +406,15 @@ def test_bad_input_one_line_errors_before_compiling(r18, tmp_path):
     jax.jit(lambda x: x * 3 + 1)(jnp.zeros(7)).block_until_ready()
   assert counter.count >= 1
   tiny_v2 = config_base.load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  nvs = config_base.load_config(os.path.join(ROOT, "configs", "nvs_synthetic.py"), "variant=tiny")
   cases = [
       (config, workdir, ["pytorch"], None, r"^--to='pytorch' is not one of \("),
       (config, workdir, ["safetensors"], 7,
        r"^--step=7 is not a checkpoint in .* \(steps: \[3\]\)"),
       (tiny_v2, workdir, ["safetensors", "torchvision"], None,
        r"^--to=torchvision: config.model.encoder.version='v2' \(pre-activation GroupNorm"),
+      (nvs, workdir, ["stablehlo", "saved_model"], None,
+       r"^--to=saved_model: config.model.pose='rays' encodes images with their camera rays"),
   ]
   for cfg, wd, formats, step, pattern in cases:
     with _CompileCounter() as counter, pytest.raises(ValueError, match=pattern) as e:

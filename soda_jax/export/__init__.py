@@ -16,6 +16,9 @@ import os
 from typing import Dict, Optional, Sequence
 
 FORMATS = ("torchvision", "torch", "safetensors", "stablehlo", "saved_model", "onnx")
+# The formats whose encoder takes images only: a pose='rays' encoder also reads a ray map per
+# view (concatenated to the pixels after a Fourier embedding that these formats do not hold).
+IMAGE_ONLY_FORMATS = ("torchvision", "torch", "saved_model", "onnx")
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
@@ -25,6 +28,10 @@ def format_errors(formats: Sequence[str], config) -> str:
   for f in formats:
     if f not in FORMATS:
       return f"--to={f!r} is not one of {FORMATS}"
+    if f in IMAGE_ONLY_FORMATS and config.model.pose == "rays":
+      return (f"--to={f}: config.model.pose='rays' encodes images with their camera rays, which "
+              f"this format's encoder has no input for; use --to=stablehlo (encode takes "
+              f"source_rays) or --to=safetensors")
   if "torchvision" in formats and torchvision.torchvision_error(config):
     return torchvision.torchvision_error(config)
   if "onnx" in formats:

@@ -34,11 +34,13 @@ def missing_dependencies() -> str:
 
 def save(out_dir: str, variables: Mapping[str, Any], config: ml_collections.ConfigDict, *,
          step: int, online: bool = False) -> str:
-  """encoder.onnx (and the torchvision file it is made from) under `out_dir`."""
+  """encoder.onnx (and the torchvision file it is made from) under `out_dir`.
+
+  The torchvision file is always (re)written from `variables`: one left in `out_dir` by an
+  earlier export may hold other weights."""
   os.makedirs(out_dir, exist_ok=True)
-  tv_path = os.path.join(out_dir, tv.FILENAME)
-  if not os.path.exists(tv_path):
-    tv.save(tv_path, variables, config, step=step, online=online)
+  tv_path = tv.save(os.path.join(out_dir, tv.FILENAME), variables, config, step=step,
+                    online=online)
   path = os.path.join(out_dir, FILENAME)
   s, c = config.data.image_size, config.data.channels
   tv.run_torch("onnx", tv_path, path, str(s), str(s), str(c))

@@ -1,12 +1,16 @@
 """`encode` and `denoise` as serialized StableHLO (`jax.export`), batch dimension symbolic.
 
 Written to the output directory:
-  encode.stablehlo    encode(weights, images (b, H, W, C) f32) -> (h (b, F), z (b, latent_dim))
+  encode.stablehlo    encode(weights, images (b, H, W, C) f32 [, source_rays (b, H, W, 6) f32])
+                      -> (h (b, F), z (b, latent_dim)); one view per example (a K-view latent
+                      is the mean of its views' z, as `SODA.encode` computes it)
   encode.safetensors  its `weights`: params.encoder.*, params.head.*, batch_stats.encoder.*
   denoise.stablehlo   denoise(weights, x_t (b, H, W, C) f32, t (b,) f32, z (b, latent_dim) f32,
-                              keep (b, S) bool [, target_box (b, 4) f32, pose_keep (b,) bool])
+                              keep (b, S) bool [, pose inputs])
                       -> the decoder's prediction (b, H, W, C) (eps | v | x0, per the config);
-                      the pose inputs exist only when config.model.pose == 'box'
+                      pose inputs by config.model.pose: 'none' none, 'box' target_box (b, 4) f32
+                      and pose_keep (b,) bool, 'rays' pose_keep (b,) bool and target_rays
+                      (b, H, W, 6) f32 (Plucker rays, soda_jax.data.cameras)
   denoise.safetensors its `weights`: params.decoder.*
   stablehlo.json      the signatures above, the platforms, the config
 
@@ -36,6 +40,7 @@ from soda_jax.models import soda
 ENCODE_PARAMS = ("encoder", "head")
 DENOISE_PARAMS = ("decoder",)
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+RAY_DIM = 6  # a Plucker ray (d, o x d) per pixel, before the model's Fourier embedding
 
 
 def _weights_spec(weights: Mapping[str, Any]) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -53,18 +58,28 @@ def denoise_weights(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
 def export_encode(model: soda.SODA, variables: Mapping[str, Any],
                   config: ml_collections.ConfigDict,
                   platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax.export.Exported:
-  def encode(weights, images):
-    return model.apply(variables_lib.unflatten(weights), images, method=soda.SODA.encode)
+  def encode(weights, *args):
+    return model.apply(variables_lib.unflatten(weights), **dict(zip(inputs, args)),
+                       method=soda.SODA.encode)
 
   (b,) = jax.export.symbolic_shape("b")
-  s, c = config.data.image_size, config.data.channels
-  images = jax.ShapeDtypeStruct((b, s, s, c), jnp.float32)
+  inputs = encode_inputs(config, b)
   return jax.export.export(jax.jit(encode), platforms=tuple(platforms))(
-      _weights_spec(encode_weights(variables)), images)
+      _weights_spec(encode_weights(variables)), *inputs.values())
+
+
+def encode_inputs(config: ml_collections.ConfigDict, batch) -> Dict[str, Any]:
+  """ShapeDtypeStructs of encode's inputs after `weights`, in order (`SODA.encode`'s names)."""
+  s, c = config.data.image_size, config.data.channels
+  inputs = {"x": jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32)}
+  if config.model.pose == "rays":
+    inputs["source_rays"] = jax.ShapeDtypeStruct((batch, s, s, RAY_DIM), jnp.float32)
+  return inputs
 
 
 def denoise_inputs(model: soda.SODA, config: ml_collections.ConfigDict, batch) -> Dict[str, Any]:
-  """ShapeDtypeStructs of denoise's inputs after `weights`, in order, for a batch size."""
+  """ShapeDtypeStructs of denoise's inputs after `weights`, in order (`SODA.denoise`'s names),
+  for a batch size."""
   s, c = config.data.image_size, config.data.channels
   f32 = jnp.float32
   inputs = {"x_t": jax.ShapeDtypeStruct((batch, s, s, c), f32),
@@ -73,7 +88,10 @@ def denoise_inputs(model: soda.SODA, config: ml_collections.ConfigDict, batch) -
             "keep": jax.ShapeDtypeStruct((batch, model.num_subvectors), jnp.bool_)}
   if config.model.pose == "box":
     inputs["target_box"] = jax.ShapeDtypeStruct((batch, 4), f32)
+  if config.model.pose in ("box", "rays"):
     inputs["pose_keep"] = jax.ShapeDtypeStruct((batch,), jnp.bool_)
+  if config.model.pose == "rays":
+    inputs["target_rays"] = jax.ShapeDtypeStruct((batch, s, s, RAY_DIM), f32)
   return inputs
 
 
@@ -81,7 +99,8 @@ def export_denoise(model: soda.SODA, variables: Mapping[str, Any],
                    config: ml_collections.ConfigDict,
                    platforms: Sequence[str] = DEFAULT_PLATFORMS) -> jax.export.Exported:
   def denoise(weights, *args):
-    return model.apply(variables_lib.unflatten(weights), *args, method=soda.SODA.denoise)
+    return model.apply(variables_lib.unflatten(weights), **dict(zip(inputs, args)),
+                       method=soda.SODA.denoise)
 
   (b,) = jax.export.symbolic_shape("b")
   inputs = denoise_inputs(model, config, b)
@@ -109,6 +128,7 @@ def save(out_dir: str, variables: Mapping[str, Any], config: ml_collections.Conf
                                 paths[f"{name}_weights"])
     signature[name] = {"in": [str(a) for a in exported.in_avals[len(weights):]],
                        "out": [str(a) for a in exported.out_avals]}
+  signature["encode"]["in_names"] = list(encode_inputs(config, 1))
   signature["denoise"]["in_names"] = list(denoise_inputs(model, config, 1))
   paths["signature"] = os.path.join(out_dir, "stablehlo.json")
   with open(paths["signature"], "w") as f:
