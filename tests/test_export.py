@@ -24,13 +24,14 @@ import numpy as np
 import pytest
 
 from soda_jax import config_base, train
-from soda_jax.data import pipeline
+from soda_jax.data import pipeline, sources
 from soda_jax import export as export_lib
 from soda_jax.export import safetensors_io, stablehlo, torchvision as tv, variables as V
 from soda_jax.models import soda
 from tests import bn_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_IDX = all(os.path.exists(p) for p in sources.idx_paths("test"))
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "torchvision"))
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch/torchvision not importable "
                                  "(pip install -r requirements-test.txt)")
@@ -102,11 +103,19 @@ def _random_variables(config, seed=0):
 
 
 def _images(config, n=6, seed=1):
-  """n/2 random images in [-1, 1] and n/2 synthetic shapes (real-looking), NHWC float32."""
+  """NHWC float32 in [-1, 1]: a third random pixels, a third synthetic shapes, a third real
+  Fashion-MNIST test images (grey repeated to the config's channels, resized to its size; more
+  shapes if the Debian package's IDX files are absent)."""
   s, c = config.data.image_size, config.data.channels
-  rand = np.random.default_rng(seed).uniform(-1, 1, (n // 2, s, s, c)).astype(np.float32)
-  shapes = pipeline.make_eval_arrays(config, "test", n - n // 2)["image"]
-  return np.concatenate([rand, shapes]).astype(np.float32)
+  k = n // 3
+  rand = np.random.default_rng(seed).uniform(-1, 1, (k, s, s, c)).astype(np.float32)
+  real = np.zeros((0, s, s, c), np.float32)
+  if HAVE_IDX:
+    fm = config.copy_and_resolve_references()
+    fm.data.name = "fashion_mnist"
+    real = pipeline.make_eval_arrays(fm, "test", k)["image"]
+  shapes = pipeline.make_eval_arrays(config, "test", n - k - len(real))["image"]
+  return np.concatenate([rand, shapes, real]).astype(np.float32)
 
 
 def _encode(config, variables, images):
@@ -306,14 +315,17 @@ def _fresh_process_errors(config, variables, out, tmp_path):
   errs = json.loads(proc.stdout.strip().splitlines()[-1])
   print(f"\nStableHLO ({config.model.pose} pose) fresh process max abs errors: {errs}")
   assert set(errs) == {"encode_2", "encode_5", "denoise_2", "denoise_5"}
-  return errs
+  scales = {f"{name}_{b}": max(1.0, max(float(np.abs(v).max()) for k, v in io.items()
+                                        if k.startswith(f"{name}_out") and k.endswith(f"_{b}")))
+            for name in ("encode", "denoise") for b in (2, 5)}
+  return errs, scales
 
 
 def test_stablehlo_in_a_fresh_process(r18, r18_export, tmp_path):
   config, workdir = r18
   out = os.path.dirname(r18_export["stablehlo"])
-  errs = _fresh_process_errors(config, _checkpoint(workdir), out, tmp_path)
-  assert max(errs.values()) < TOL_HLO
+  errs, _ = _fresh_process_errors(config, _checkpoint(workdir), out, tmp_path)
+  assert max(errs.values()) < TOL_HLO  # absolute: the trained model's outputs are O(1)
   sig = json.load(open(os.path.join(out, "stablehlo.json")))
   assert sig["encode"]["in"] == ["float32[b,16,16,3]"]
   assert sig["denoise"]["in_names"] == ["x_t", "t", "z", "keep"]
@@ -331,7 +343,9 @@ def test_stablehlo_pose_inputs(pose, encode_in, denoise_in, tmp_path):
   variables = _random_variables(config)
   out = str(tmp_path / "out")
   stablehlo.save(out, variables, config, platforms=["cpu"])
-  assert max(_fresh_process_errors(config, variables, out, tmp_path).values()) < TOL_HLO
+  # Random weights and BatchNorm statistics make |h| >> 1: relative to the output's scale.
+  errs, scales = _fresh_process_errors(config, variables, out, tmp_path)
+  assert max(errs[k] / scales[k] for k in errs) < TOL_HLO, (errs, scales)
   sig = json.load(open(os.path.join(out, "stablehlo.json")))
   assert (sig["encode"]["in_names"], sig["denoise"]["in_names"]) == (encode_in, denoise_in)
   if pose == "rays":
