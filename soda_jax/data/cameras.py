@@ -30,6 +30,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 RAY_KINDS = ("plucker", "origin_direction")
+RAY_CHANNELS = 6  # per pixel: Plucker (d, o x d) or (o, d), before any Fourier embedding
 WORLD_UP = (0.0, 1.0, 0.0)
 
 

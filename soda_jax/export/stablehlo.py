@@ -34,13 +34,13 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
+from soda_jax.data import cameras
 from soda_jax.export import variables as variables_lib
 from soda_jax.models import soda
 
 ENCODE_PARAMS = ("encoder", "head")
 DENOISE_PARAMS = ("decoder",)
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
-RAY_DIM = 6  # a Plucker ray (d, o x d) per pixel, before the model's Fourier embedding
 
 
 def _weights_spec(weights: Mapping[str, Any]) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -73,7 +73,8 @@ def encode_inputs(config: ml_collections.ConfigDict, batch) -> Dict[str, Any]:
   s, c = config.data.image_size, config.data.channels
   inputs = {"x": jax.ShapeDtypeStruct((batch, s, s, c), jnp.float32)}
   if config.model.pose == "rays":
-    inputs["source_rays"] = jax.ShapeDtypeStruct((batch, s, s, RAY_DIM), jnp.float32)
+    inputs["source_rays"] = jax.ShapeDtypeStruct((batch, s, s, cameras.RAY_CHANNELS),
+                                                 jnp.float32)
   return inputs
 
 
@@ -91,7 +92,7 @@ def denoise_inputs(model: soda.SODA, config: ml_collections.ConfigDict, batch) -
   if config.model.pose in ("box", "rays"):
     inputs["pose_keep"] = jax.ShapeDtypeStruct((batch,), jnp.bool_)
   if config.model.pose == "rays":
-    inputs["target_rays"] = jax.ShapeDtypeStruct((batch, s, s, RAY_DIM), f32)
+    inputs["target_rays"] = jax.ShapeDtypeStruct((batch, s, s, cameras.RAY_CHANNELS), f32)
   return inputs
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from soda_jax.data import cameras
 from soda_jax.models import layers
 from soda_jax.models.resnet import ResNet
 from soda_jax.models.unet import UNet
@@ -152,7 +153,8 @@ def _build_2d_model(model: ml_collections.ConfigDict, *, image_channels: int,
 def init_inputs(batch_size: int, image_size: int, channels: int, num_groups: int):
   """Dummy inputs with the right shapes for `model.init` / `jax.eval_shape`."""
   x = jnp.zeros((batch_size, image_size, image_size, channels), jnp.float32)
-  rays = jnp.zeros((batch_size, image_size, image_size, 6), jnp.float32)  # read by pose='rays'
+  rays = jnp.zeros((batch_size, image_size, image_size, cameras.RAY_CHANNELS),
+                   jnp.float32)  # read by pose='rays'
   return dict(source=x, x_t=x, t=jnp.zeros((batch_size,)),
               keep=jnp.ones((batch_size, num_groups), bool),
               target_box=jnp.tile(jnp.array([[0., 0., 1., 1.]]), (batch_size, 1)),
