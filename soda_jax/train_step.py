@@ -136,7 +136,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
                model: soda.SODA, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One SODA update. batch: source/target (B, H, W, C) in [-1, 1], target_box (B, 4); 3-D
-  views: source (B, K, H, W, 3), source_rays (B, K, H, W, 6), target_rays (B, H, W, 6)."""
+  views: source (B, K, H, W, 3), source_rays (B, K, H, W, 6), target_rays (B, H, W, 6),
+  source_mask (B, K) (the views each latent averages)."""
   d = config.diffusion
   rng = jax.random.fold_in(rng, state.step)
   k_t, k_noise, k_mask, k_drop = jax.random.split(rng, 4)
@@ -154,7 +155,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
     mutable = ["batch_stats"] if state.batch_stats else []
     out = model.apply(variables, source, x_t, t, keep, batch.get("target_box"), pose_keep,
                       train=True, rngs={"dropout": k_drop}, mutable=mutable or False,
-                      source_rays=batch.get("source_rays"), target_rays=batch.get("target_rays"))
+                      source_rays=batch.get("source_rays"), target_rays=batch.get("target_rays"),
+                      source_mask=batch.get("source_mask"))
     pred, new_vars = out if mutable else (out, {})
     per_example = diffusion.diffusion_loss(pred, target, noise, t, pred_type=d.pred_type,
                                            schedule=d.schedule, weighting=d.loss_weighting)

@@ -102,6 +102,31 @@ def test_example_shapes_ranges_rays_and_determinism():
   assert not np.array_equal(other["source_views"], ex["source_views"])
   with pytest.raises(ValueError, match="num_source_views=48"):
     mv.sample_example(src, 0, np.random.default_rng(0), num_source_views=48)
+  np.testing.assert_array_equal(ex["source_mask"], [True, True, True])  # K fixed: all count
+
+
+def test_min_source_views_draws_k_and_masks_a_prefix():
+  """k ~ U{min..K}: every k occurs, the first k views count; the views themselves are the
+  fixed-K draw's (the same rng stream up to k), so K fixed keeps old streams unchanged."""
+  src = mv.SyntheticMultiView(num_objects=2, image_size=8, supersample=1)
+  ks = []
+  for seed in range(60):
+    fixed = mv.sample_example(src, 1, np.random.default_rng(seed), num_source_views=3)
+    ex = mv.sample_example(src, 1, np.random.default_rng(seed), num_source_views=3,
+                           min_source_views=1)
+    k = int(ex["source_mask"].sum())
+    np.testing.assert_array_equal(ex["source_mask"], np.arange(3) < k)
+    for key in ("source", "source_views", "target_view"):
+      np.testing.assert_array_equal(ex[key], fixed[key])
+    ks.append(k)
+  assert set(ks) == {1, 2, 3}, ks
+  two = [int(mv.sample_example(src, 0, np.random.default_rng(s), 3, min_source_views=2)
+             ["source_mask"].sum()) for s in range(30)]
+  assert set(two) == {2, 3}, two
+  for bad in (0, 4):
+    with pytest.raises(ValueError, match=f"min_source_views={bad} needs 1 <= it <= "
+                                         "num_source_views=3"):
+      mv.sample_example(src, 0, np.random.default_rng(0), 3, min_source_views=bad)
 
 
 def test_grain_stream_of_examples_is_reproducible():

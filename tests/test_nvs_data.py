@@ -29,6 +29,9 @@ def test_synthetic_multiview_batches():
   assert b["source"].shape == (4, 2, 16, 16, 3) and b["source_rays"].shape == (4, 2, 16, 16, 6)
   assert b["target"].shape == (4, 16, 16, 3) and b["target_rays"].shape == (4, 16, 16, 6)
   assert b["source"].dtype == np.float32 and -1 <= b["source"].min() and b["source"].max() <= 1
+  # min_source_views=1 (the default): each example counts its first k of the K views.
+  assert b["source_mask"].shape == (4, 2) and b["source_mask"].dtype == bool
+  assert b["source_mask"][:, 0].all()
   # Views are distinct per example, and the rays are those of the chosen ring cameras.
   for sv, tv in zip(b["source_views"], b["target_view"]):
     assert len({*sv.tolist(), int(tv)}) == 3
@@ -71,6 +74,9 @@ def _nvs_tiny():
     ({"data.name": "synthetic", "data.channels": 1},
      "config.model.pose='rays' needs a multi-view dataset"),
     ({"data.num_source_views": 0}, "config.data.num_source_views=0 must be an int in [1, 8]"),
+    ({"data.min_source_views": 3},
+     "config.data.min_source_views=3 must be an int in [1, num_source_views=2]"),
+    ({"data.min_source_views": 0}, "config.data.min_source_views=0 must be an int in [1, "),
     ({"data.channels": 1}, "config.data.channels=1 must be 3 for the multi-view dataset"),
     ({"data.name": "nmr"}, "config.data.folder='' must be set when config.data.name='nmr'"),
     ({"data.split": "train[:10]"}, "config.data.split='train[:10]': multi-view datasets take"),

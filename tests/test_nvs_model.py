@@ -102,3 +102,30 @@ def test_several_source_views_average_into_one_latent():
   per_view = [enc(views[:, i], rays[:, i])[1] for i in range(k)]
   np.testing.assert_allclose(z_all, np.mean(per_view, axis=0), rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(z_all - per_view[0]))) > 1e-4
+
+
+def test_source_mask_averages_only_the_counted_views():
+  """z of K views with the first k counted == z of those k views alone (eval mode: no view
+  reaches another through BatchNorm); the masked views' pixels do not matter; a mask of the
+  wrong shape is refused."""
+  model, variables = _rays_model()
+  k_views = 3
+  views = jax.random.uniform(jax.random.PRNGKey(5), (B, k_views, IMG, IMG, 3), minval=-1,
+                             maxval=1)
+  rays = jnp.stack([_rays(s) for s in range(k_views)], axis=1)
+  enc = jax.jit(lambda x, r, m: model.apply(variables, x, source_rays=r, source_mask=m,
+                                            method=soda.SODA.encode))
+  enc_all = jax.jit(lambda x, r: model.apply(variables, x, source_rays=r,
+                                             method=soda.SODA.encode))
+  mask = jnp.array([[True, False, False], [True, True, False]])
+  h, z = enc(views, rays, mask)
+  for b, k in enumerate((1, 2)):
+    hk, zk = enc_all(views[b:b + 1, :k], rays[b:b + 1, :k])
+    np.testing.assert_allclose(z[b], zk[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h[b], hk[0], rtol=1e-5, atol=1e-5)
+  garbage = views.at[:, 2].set(jnp.nan).at[0, 1].set(jnp.nan)
+  np.testing.assert_array_equal(enc(garbage, rays, mask)[1], z)  # weight 0: not even NaN leaks
+  _, z_all = enc(views, rays, jnp.ones((B, k_views), bool))
+  np.testing.assert_allclose(z_all, enc_all(views, rays)[1], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"source_mask \(2, 2\) must be \(B, K\)"):
+    enc(views, rays, mask[:, :2])

@@ -35,7 +35,7 @@ rendered once and kept in a bounded per-source cache. Framing: over 100 train ob
 import collections
 import dataclasses
 import threading
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -261,6 +261,7 @@ class SyntheticMultiView:
     self.supersample = int(supersample)
     self.max_cached_views = int(max_cached_views)
     self.w2c = cameras.ring_cameras(num_azimuths, elevations_deg, radius).astype(np.float32)
+    self.views_per_ring = int(num_azimuths)  # view e * A + a: ring e (nvs.turntable_views)
     k = cameras.intrinsics_from_fov(fov_deg, self.image_size, self.image_size)
     self.k = np.broadcast_to(k, (len(self.w2c), 3, 3)).astype(np.float32)
     self._init_cache()
@@ -326,27 +327,37 @@ class SyntheticMultiView:
 
 
 def sample_example(src: Any, index: int, rng: np.random.Generator, num_source_views: int = 1,
-                   ray_kind: str = "plucker") -> Dict[str, np.ndarray]:
+                   ray_kind: str = "plucker",
+                   min_source_views: Optional[int] = None) -> Dict[str, np.ndarray]:
   """K source views and one different target view of object `index`, drawn with `rng`.
 
   Returns numpy arrays (S = src.image_size, K = num_source_views):
     source (K, S, S, 3) float32 in [-1, 1]     source_rays (K, S, S, 6) float32
     target (S, S, 3) float32 in [-1, 1]        target_rays (S, S, 6) float32
     source_views (K,) int32, target_view () int32, index () int32
+    source_mask (K,) bool: the first k views count, k ~ U{min_source_views..K} (all K when
+      min_source_views is None or K). K views are always read, so batches keep one shape; the
+      model averages the latents of the counted views only (`SODA.encode`).
   Rays are `cameras.ray_map(kind=ray_kind)`: Plucker (d, o x d) by default, or (o, d).
   """
   v = src.num_views(index)
   if not 1 <= num_source_views < v:
     raise ValueError(f"num_source_views={num_source_views} needs 1 <= K < {v} views "
                      f"(object {index} of {src!r})")
+  lo = num_source_views if min_source_views is None else int(min_source_views)
+  if not 1 <= lo <= num_source_views:
+    raise ValueError(f"min_source_views={min_source_views} needs 1 <= it <= "
+                     f"num_source_views={num_source_views}")
   chosen = rng.choice(v, num_source_views + 1, replace=False)  # last = target
+  # Drawn after the views, and only when there is a choice: K fixed keeps the old stream.
+  k = num_source_views if lo == num_source_views else int(rng.integers(lo, num_source_views + 1))
   imgs = views.to_unit_range(src.images(index, chosen))  # (K + 1, S, S, 3)
-  w2c, k = src.cameras(index)
+  w2c, intr = src.cameras(index)
   s = src.image_size
-  rays = cameras.ray_map(w2c[chosen], k[chosen], s, s, ray_kind)  # (K + 1, S, S, 6)
+  rays = cameras.ray_map(w2c[chosen], intr[chosen], s, s, ray_kind)  # (K + 1, S, S, 6)
   return dict(source=imgs[:-1], source_rays=rays[:-1], target=imgs[-1], target_rays=rays[-1],
               source_views=chosen[:-1].astype(np.int32), target_view=np.int32(chosen[-1]),
-              index=np.int32(index))
+              index=np.int32(index), source_mask=np.arange(num_source_views) < k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +366,8 @@ class NovelViewTransform:
   src: Any
   num_source_views: int = 1
   ray_kind: str = "plucker"
+  min_source_views: Optional[int] = None
 
   def __call__(self, index: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-    return sample_example(self.src, int(index), rng, self.num_source_views, self.ray_kind)
+    return sample_example(self.src, int(index), rng, self.num_source_views, self.ray_kind,
+                          self.min_source_views)

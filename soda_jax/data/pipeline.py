@@ -37,7 +37,7 @@ from soda_jax.data import multiview, sources, views
 BATCH_KEYS = ("source", "target", "target_box", "label", "index")
 # 3-D views (sources.MULTIVIEW_NAMES): K source views with their rays, one target view.
 MULTIVIEW_BATCH_KEYS = ("source", "source_rays", "target", "target_rays", "source_views",
-                        "target_view", "index")
+                        "target_view", "index", "source_mask")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -65,6 +65,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       # Multi-view names (sources.MULTIVIEW_NAMES): source views per example, each encoded,
       # their latents averaged. 'synthetic_multiview' uses synthetic_examples train objects.
       num_source_views=1,
+      # Training draws k ~ U{min_source_views..num_source_views} views per example (K views
+      # are read, the first k averaged), so one model serves NVS from 1 view and from several.
+      min_source_views=1,
   ))
 
 
@@ -97,10 +100,12 @@ class MultiViewTransform(grain.transforms.RandomMap):
   an object that cannot be read (missing / corrupt file) becomes {'valid': False}."""
   src: Any
   num_source_views: int
+  min_source_views: Optional[int] = None
 
   def random_map(self, element: int, rng: np.random.Generator) -> Dict[str, Any]:
     try:
-      out = multiview.sample_example(self.src, int(element), rng, self.num_source_views)
+      out = multiview.sample_example(self.src, int(element), rng, self.num_source_views,
+                                     min_source_views=self.min_source_views)
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt files, too few views
       logging.warning("Multi-view object %d of %r unreadable: %s", int(element), self.src, e)
       return {"valid": False, "index": np.int32(element)}
@@ -209,7 +214,8 @@ def _multiview_train_dataset(data, src, seed, process_index, process_count, per_
   help only while the cache fills; file readers decode PNGs (threads release the GIL).
   """
   ds = grain.MapDataset.range(len(src)).seed(int(seed)).shuffle().repeat()
-  ds = ds.random_map(MultiViewTransform(src, int(data.num_source_views)))
+  ds = ds.random_map(MultiViewTransform(src, int(data.num_source_views),
+                                        int(data.min_source_views)))
   ds = ds[process_index::process_count]
   threads = data.num_threads if data.num_threads >= 0 else (
       0 if data.name == "synthetic_multiview" else 16)
@@ -227,7 +233,9 @@ def make_train_iterator(config: ml_collections.ConfigDict, *, seed: int,
   source, target (B, S, S, C) float32 in [-1, 1]; target_box (B, 4) float32; label (B,) int32;
   index (B,) int32 (position in the source split). Multi-view datasets instead give
   MULTIVIEW_BATCH_KEYS: source (B, K, S, S, 3), source_rays (B, K, S, S, 6), target (B, S, S, 3),
-  target_rays (B, S, S, 6), source_views (B, K), target_view (B,), index (B,) (object). B = config.batch_size // process_count.
+  target_rays (B, S, S, 6), source_views (B, K), target_view (B,), index (B,) (object),
+  source_mask (B, K) bool (the views each example's latent averages).
+  B = config.batch_size // process_count.
   Checkpointable: `get_state()` / `set_state()` (JSON-serialisable; grain.checkpoint works).
   """
   return iter(make_train_dataset(

@@ -1,8 +1,9 @@
 """Novel view synthesis (3-D views): scores of DDIM samples of held-out views of test objects.
 
-For each of `evals.nvs_objects` test objects (`data.eval_split`), a fixed draw (seed, object)
-picks one target view and K_max source views; the K-view case uses the first K of them, so the
-1-view sources are among the 3-view ones and every method is scored on the same target views.
+For each of `evals.nvs_objects` test objects (`data.eval_split`, spread evenly over the split), a
+fixed draw (seed, object) picks one target view and K_max source views; the K-view case uses the
+first K of them, so the 1-view sources are among the 3-view ones and every method is scored on
+the same target views.
 Scored against the true target (PSNR and SSIM, images in [-1, 1], mean over objects):
 
   soda            encode the K source views (+ rays), mean z, DDIM-sample the target camera
@@ -36,12 +37,19 @@ METHODS = ("soda", "nearest_view", "unconditional")
 DATA_RANGE = 2.0  # images in [-1, 1]
 
 
+def heldout_objects(num_objects: int, total: int) -> np.ndarray:
+  """Indices of the evaluated objects: num_objects spread evenly over the split (readers list
+  objects by category, so the first N would all be of the first category)."""
+  n = min(int(num_objects), int(total))
+  return (np.arange(n) * int(total)) // max(n, 1)
+
+
 def heldout_examples(src: Any, num_objects: int, num_source_views: int,
                      seed: int) -> Dict[str, np.ndarray]:
-  """`multiview.sample_example` of the first num_objects objects, drawn with rng (seed, i),
+  """`multiview.sample_example` of `heldout_objects`, object i drawn with rng (seed, i),
   stacked, plus camera centres: source_centres (N, K, 3), target_centre (N, 3)."""
   out = []
-  for i in range(min(int(num_objects), len(src))):
+  for i in heldout_objects(num_objects, len(src)).tolist():
     ex = multiview.sample_example(src, i, np.random.default_rng([int(seed), i]),
                                   num_source_views)
     centres = cameras.camera_centers(src.cameras(i)[0])
@@ -102,10 +110,18 @@ def sample_views(model: soda.SODA, variables: Any, source, source_rays, target_r
                  clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
 
 
+def turntable_views(src: Any, index: int, num_cameras: int) -> np.ndarray:
+  """View indices of a turntable: num_cameras views evenly spread over the source's first
+  camera ring (`src.views_per_ring` views, e.g. the synthetic objects' 24 azimuths at the lower
+  elevation), else over all of the object's views (NMR: one ring of 24)."""
+  ring = int(getattr(src, "views_per_ring", src.num_views(index)))
+  return (np.arange(int(num_cameras)) * ring) // int(num_cameras)
+
+
 def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects: int,
                    num_cameras: int, rng: jax.Array, dcfg) -> Optional[np.ndarray]:
   """uint8 grid, a row per object: its K source views | (true view, sample) at num_cameras
-  target cameras spread over the object's views (view indices (j * V) // num_cameras)."""
+  target cameras around it (`turntable_views`)."""
   g = min(int(num_objects), len(ex["index"]))
   if g == 0 or num_cameras == 0:
     return None
@@ -113,7 +129,7 @@ def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects
   trues, rays = [], []
   for i in ex["index"][:g]:
     w2c, k = src.cameras(int(i))
-    cams = (np.arange(num_cameras) * len(w2c)) // num_cameras
+    cams = turntable_views(src, int(i), num_cameras)
     trues.append(views.to_unit_range(src.images(int(i), cams)))
     rays.append(cameras.ray_map(w2c[cams], k[cams], size, size))
   trues, rays = np.stack(trues), np.stack(rays)  # (G, T, S, S, 3 | 6)

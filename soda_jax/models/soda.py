@@ -63,13 +63,15 @@ class SODA(nn.Module):
     ends = list(itertools.accumulate(split_sizes(self.latent_dim, self.num_subvectors)))
     return [slice(start, end) for start, end in zip([0] + ends[:-1], ends)]
 
-  def encode(self, x, train: bool = False, source_rays=None):
+  def encode(self, x, train: bool = False, source_rays=None, source_mask=None):
     """source view (B, H, W, C) -> (pooled features h (B, F), latent z (B, latent_dim)).
 
     K source views (B, K, H, W, C) run through the encoder as B * K images; h and z are the
-    means over the K views (one latent per object, independent of the views' order). With
-    pose='rays' each view's ray map `source_rays` (..., H, W, 6) is Fourier-embedded and
-    concatenated to its pixels.
+    means over the K views (one latent per object, independent of the views' order), or over
+    the views `source_mask` (B, K) bool marks (each row needs one). With pose='rays' each
+    view's ray map `source_rays` (..., H, W, 6) is Fourier-embedded and concatenated to its
+    pixels. (A masked view still passes through the encoder, so in training its pixels enter
+    BatchNorm's batch statistics: a real view of the same object, not padding.)
     """
     if self.pose == "rays":
       if source_rays is None:
@@ -77,10 +79,20 @@ class SODA(nn.Module):
       x = jnp.concatenate([x, layers.embed_rays(source_rays, self.ray_freqs).astype(x.dtype)],
                           axis=-1)
     lead = x.shape[:-3]
+    if source_mask is not None and (len(lead) != 2 or tuple(source_mask.shape) != lead):
+      raise ValueError(f"source_mask {tuple(source_mask.shape)} must be (B, K) = {lead} of the "
+                       "K source views (B, K, H, W, C)")
     h = self.encoder(x.reshape((-1,) + x.shape[-3:]), train=train)
     z = self.head(h).astype(jnp.float32)
     if len(lead) == 2:
-      h, z = (a.reshape(lead + a.shape[1:]).mean(axis=1) for a in (h, z))
+      h, z = (a.reshape(lead + a.shape[1:]) for a in (h, z))
+      if source_mask is None:
+        h, z = h.mean(axis=1), z.mean(axis=1)
+      else:
+        k = jnp.sum(source_mask, axis=1, keepdims=True)  # (B, 1): views counted
+        # where, not a 0 weight: nothing of a masked view reaches z, not even a NaN.
+        h, z = (jnp.sum(jnp.where(source_mask[:, :, None], a, 0), axis=1) / k.astype(a.dtype)
+                for a in (h, z))
     return h, z
 
   def modulations(self, z, keep) -> List[Tuple[jax.Array, jax.Array]]:
@@ -113,8 +125,8 @@ class SODA(nn.Module):
     return self.decoder(x_t, t, self.modulations(z, keep), pose_map, train=train)
 
   def __call__(self, source, x_t, t, keep, target_box=None, pose_keep=None, train: bool = False,
-               source_rays=None, target_rays=None):
-    _, z = self.encode(source, train=train, source_rays=source_rays)
+               source_rays=None, target_rays=None, source_mask=None):
+    _, z = self.encode(source, train=train, source_rays=source_rays, source_mask=source_mask)
     return self.denoise(x_t, t, z, keep, target_box, pose_keep, train=train,
                         target_rays=target_rays)
 
