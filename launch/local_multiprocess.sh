@@ -39,6 +39,9 @@ for ((i = 0; i < N; i++)); do
   echo "local_multiprocess: process $i pid $!"
 done
 ((DRY_RUN)) && exit 0
+# A SIGTERM/SIGINT to the launcher reaches every process (each then saves and exits at the step
+# they agree on), instead of leaving them running without it.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 
 status=0
 for ((k = 0; k < N; k++)); do

@@ -7,8 +7,11 @@ A checkpoint directory `workdir/checkpoints/<step>/` holds three items:
 Orbax writes each step to a temporary directory and renames it when complete, so an interrupted
 save never shows up as a step. A *complete* step can still be damaged afterwards (a truncated,
 deleted or overwritten file): `restore_latest` then falls back to the newest intact step, with a
-warning naming the damaged one; `restore` of an explicitly requested step raises
-`DamagedCheckpointError` instead. Before reading any array, the saved config and the stored
+warning naming the damaged one, and moves the damaged steps to `workdir/checkpoints_damaged/`
+(kept for inspection; left in place, the run would fail when it reaches their step numbers
+again and Orbax refuses to overwrite them); `restore` of an explicitly requested step raises
+`DamagedCheckpointError` instead. Whether a step is damaged is agreed by every process
+(through the coordination service, not the collectives): each reads only its own shards. Before reading any array, the saved config and the stored
 array shapes are compared with this run's: a checkpoint written by another model config fails
 with `ConfigMismatchError` naming the keys that differ.
 """
@@ -19,12 +22,14 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from absl import flags, logging
+from etils import epath
 import grain
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from soda_jax import multihost
 
 ITEMS = ("state", "data", "config")
 # Config keys that decide the state's structure or meaning: a difference in any of them makes a
@@ -87,11 +92,13 @@ def _shape_mismatches(stored: Any, abstract: Any) -> List[str]:
           for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)]
 
 
-def _all_ok(ok: bool) -> bool:
-  """True only if `ok` on every process (each reads its own shards, so damage can be local)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+def _all_ok(ok: bool, name: str) -> bool:
+  """True only if `ok` on every process (each reads its own shards, so damage can be local).
+
+  Through the coordination service's key-value store: a process whose read failed at once
+  would wait at a collective for the others (still reading, or inside Orbax's restore
+  barrier) longer than gloo's 30-s rendezvous allows."""
+  return multihost.all_true(ok, f"checkpoint/{name}")
 
 
 def _ignore_late_loop_callbacks() -> None:
@@ -205,6 +212,9 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
           f"{self._where(step)} is damaged ({type(e).__name__}: {_first_line(e)})") from e
+    if stored is None:  # Orbax returns None, not an error, when state/_METADATA is missing
+      raise DamagedCheckpointError(f"{self._where(step)} is damaged (no array metadata: "
+                                   "state/_METADATA is missing or unreadable)")
     diff = config_diff(saved, config) if config is not None else {}
     key_diff = {k: v for k, v in diff.items() if k.startswith(STATE_KEYS)}
     shapes = _shape_mismatches(stored, abstract_state)
@@ -229,17 +239,25 @@ class Checkpointer:
     if step not in self._manager.all_steps():
       raise CheckpointError(f"{self._where(step)} does not exist (steps: "
                             f"{sorted(self._manager.all_steps())})")
-    self.check_compatible(step, abstract_state, config)
+    error = None
+    try:
+      self.check_compatible(step, abstract_state, config)
+    except DamagedCheckpointError as e:
+      error = e
+    if not _all_ok(error is None, f"compatible/{step}"):
+      raise error or DamagedCheckpointError(
+          f"{self._where(step)} is damaged (unreadable on another process)")
+    if data_iter is not None:
+      self._check_process_count(step)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    error = None
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**args))["state"]
       jax.block_until_ready(restored)
     except Exception as e:  # pylint: disable=broad-except  (TensorStore/Orbax/JSON errors)
       error = e
-    if not _all_ok(error is None):
+    if not _all_ok(error is None, f"restore/{step}"):
       detail = (f"{type(error).__name__}: {_first_line(error)}" if error is not None
                 else "unreadable on another process")
       raise DamagedCheckpointError(f"{self._where(step)} is damaged ({detail})") from error
@@ -254,15 +272,54 @@ class Checkpointer:
     step of the same workdir would not match either).
     """
     steps = sorted(self._manager.all_steps(), reverse=True)
+    damaged = []
     for step in steps:
       try:
-        return step, self.restore(step, abstract_state, data_iter, config)
+        state = self.restore(step, abstract_state, data_iter, config)
       except DamagedCheckpointError as e:
         logging.warning("%s; falling back to an older checkpoint.", e)
+        damaged.append(step)
+        continue
+      self._set_aside(damaged)
+      return step, state
     if steps:
       raise DamagedCheckpointError(f"Every checkpoint in {self.directory} is damaged (steps "
                                    f"{sorted(steps)}); move them away to start afresh.")
     return None, None
+
+  def _check_process_count(self, step: int) -> None:
+    """The input pipeline's position is saved per process (`data/process_<i>-of-<n>.json`):
+    resuming with another number of processes cannot restore it. Said plainly, instead of
+    every step reading as damaged."""
+    data_dir = epath.Path(self.directory) / str(step) / "data"
+    n = jax.process_count()
+    mine = data_dir / f"process_{jax.process_index()}-of-{n}.json"
+    if not data_dir.exists() or mine.exists():
+      return  # a missing item is the restore's to report (damage)
+    counts = sorted({f.name.rsplit("-of-", 1)[-1].split(".")[0]
+                     for f in data_dir.glob("process_*-of-*.json")})
+    if counts and str(n) not in counts:
+      raise CheckpointError(
+          f"{self._where(step)} was written by {' or '.join(counts)} processes and this run "
+          f"has {n}: the input pipeline's position is saved per process. Resume with "
+          f"{counts[0]} processes, or start a new --workdir.")
+
+  def _set_aside(self, steps: List[int]) -> None:
+    """Move damaged steps to workdir/checkpoints_damaged/<step> (process 0; all wait)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      aside = epath.Path(self.directory).parent / "checkpoints_damaged"
+      aside.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        dst = aside / str(step)
+        suffix = 1
+        while dst.exists():  # damaged twice at the same step: keep both
+          dst, suffix = aside / f"{step}.{suffix}", suffix + 1
+        (epath.Path(self.directory) / str(step)).rename(dst)
+        logging.warning("Moved the damaged checkpoint step %d to %s.", step, dst)
+    multihost.barrier("checkpoint_set_aside")
+    self._manager.reload()
 
   def restore_raw(self, step: int) -> Any:
     """The saved state as host numpy arrays, whatever devices wrote it (inspection, export,
@@ -272,6 +329,8 @@ class Checkpointer:
     the devices that wrote them and refuses ("Topology mismatch") when those are not here.
     """
     stored = self._manager.item_metadata(step)["state"]
+    if stored is None:
+      raise DamagedCheckpointError(f"{self._where(step)} is damaged (no array metadata)")
     target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(stored, "tree", stored))
     return self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]

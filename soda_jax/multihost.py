@@ -66,6 +66,21 @@ def _all_processes_agree(value: str, name: str) -> bool:
              for i in range(jax.process_count()))
 
 
+_all_true_ids = itertools.count()  # the same sequence on every process
+
+
+def all_true(ok: bool, name: str) -> bool:
+  """True only if every process passed ok=True (the key-value store, not the collectives;
+  `ok` with one process)."""
+  if jax.process_count() == 1:
+    return bool(ok)
+  client = distributed.global_state.client
+  key = f"soda/all_true/{name}/{next(_all_true_ids)}"
+  client.key_value_set(f"{key}/{jax.process_index()}", "1" if ok else "0")
+  return all(client.blocking_key_value_get(f"{key}/{i}", BARRIER_TIMEOUT_S * 1000) == "1"
+             for i in range(jax.process_count()))
+
+
 _shared = []  # [result] once decided: the key patch is process-wide, the exchange runs once
 
 

@@ -108,7 +108,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                jax.devices()[0].device_kind)
 
   # ---------------------------------------------------------------- input
-  per_process_batch = config.batch_size // jax.process_count()
   train_iter = pipeline.make_train_iterator(
       config, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -141,7 +140,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
   if jax.process_index() == 0:
-    parameter_overview.log_parameter_overview(state.params)
+    # Stats (mean/std) would fetch every param to process 0, which fails once FSDP splits them
+    # over processes: process 0 then does not hold them all.
+    parameter_overview.log_parameter_overview(state.params,
+                                              include_stats=jax.process_count() == 1)
   z_usage_fn = None
   if config.evals.z_usage_every_steps >= 0:
     z_usage_fn = z_usage.make_z_usage_fn(
@@ -188,14 +190,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if step % config.checkpoint_every_steps == 0 or last or stop:
         ckpt.save(step, state, train_iter, config)
 
+      # Periodic evals, never on a preemption step: its grace period is for the save.
+      periodic = not last and not stop
       every = config.evals.samples_every_steps
-      if eval_batch is not None and every > 0 and step % every == 0 and not last:
+      if eval_batch is not None and every > 0 and step % every == 0 and periodic:
         _sample_grid(config, model, state, eval_batch, sample_rng, step, workdir, writer)
       every = config.evals.z_usage_every_steps
-      if z_usage_fn is not None and every > 0 and step % every == 0 and not last:
+      if z_usage_fn is not None and every > 0 and step % every == 0 and periodic:
         z_history.append((step, log_z_usage(step)))
       every = config.evals.probe_every_steps
-      if every > 0 and step % every == 0 and not last:
+      if every > 0 and step % every == 0 and periodic:
         writer.write_scalars(step, representation.evaluate(config, model, state, mesh))
 
       if stop:

@@ -62,9 +62,11 @@ def _damage(step_dir, how):
   if how == "config":
     with open(step_dir / "config" / "metadata", "w") as fh:
       fh.write('{"model": {"latent_dim": ')
+  if how == "metadata":  # Orbax reads a missing array index as "no arrays", not as an error
+    os.remove(step_dir / "state" / "_METADATA")
 
 
-@pytest.mark.parametrize("how", ["truncate", "delete", "garble", "config"])
+@pytest.mark.parametrize("how", ["truncate", "delete", "garble", "config", "metadata"])
 def test_damaged_newest_checkpoint_falls_back_to_intact_one(trained, tmp_path, how, caplog):
   workdir = tmp_path / "w"
   shutil.copytree(trained, workdir)
@@ -73,19 +75,46 @@ def test_damaged_newest_checkpoint_falls_back_to_intact_one(trained, tmp_path, h
   abstract = _abstract(config)
   ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
   expected = ckpt.restore_raw(OLD)["params"]
-  data_iter = pipeline.make_train_iterator(config, seed=config.seed)
-  with caplog.at_level(logging.WARNING):
-    step, state = ckpt.restore_latest(abstract, data_iter, config)
-  assert step == OLD and int(state.step) == OLD
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), expected)
-  assert any(f"Checkpoint step {NEW} in" in r.getMessage() and "is damaged" in r.getMessage()
-             for r in caplog.records), [r.getMessage() for r in caplog.records]
   # Asked for explicitly, the damaged step is a one-line error naming it.
   with pytest.raises(checkpointing.DamagedCheckpointError) as e:
     ckpt.restore(NEW, abstract, config=config)
   assert str(e.value).startswith(f"Checkpoint step {NEW} in {workdir}/checkpoints is damaged")
   assert "\n" not in str(e.value)
+  data_iter = pipeline.make_train_iterator(config, seed=config.seed)
+  with caplog.at_level(logging.WARNING):
+    step, state = ckpt.restore_latest(abstract, data_iter, config)
+  assert step == OLD and int(state.step) == OLD
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), expected)
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(f"Checkpoint step {NEW} in" in m and "is damaged" in m for m in messages), messages
+  # The damaged step is moved aside (kept), so the run can save that step number again.
+  assert checkpointing.steps_on_disk(workdir) == [OLD]
+  assert os.path.isdir(workdir / "checkpoints_damaged" / str(NEW))
+  assert any("Moved the damaged checkpoint step" in m for m in messages), messages
   ckpt.close()
+  if how == "truncate":  # resume through the damaged step's number: saved again, intact
+    out = train.train_and_evaluate(config, str(workdir))
+    assert out["step"] == NEW and checkpointing.steps_on_disk(workdir) == [OLD, NEW]
+
+
+def test_checkpoint_of_another_process_count_is_named(trained, tmp_path):
+  """A 2-process run's checkpoint resumed by one process: its per-process input position
+  cannot be restored; said in one line, not read as damage (which would skip every step)."""
+  workdir = tmp_path / "w"
+  shutil.copytree(trained, workdir)
+  for step in (OLD, NEW):
+    data = workdir / "checkpoints" / str(step) / "data"
+    os.rename(data / "process_0-of-1.json", data / "process_0-of-2.json")
+    shutil.copy(data / "process_0-of-2.json", data / "process_1-of-2.json")
+  config = _tiny()
+  ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    ckpt.restore_latest(_abstract(config), pipeline.make_train_iterator(config, seed=0), config)
+  ckpt.close()
+  assert not isinstance(e.value, checkpointing.DamagedCheckpointError)
+  assert str(e.value).startswith(f"Checkpoint step {NEW} in {workdir}/checkpoints was written "
+                                 "by 2 processes and this run has 1")
+  assert checkpointing.steps_on_disk(workdir) == [OLD, NEW]  # nothing moved
 
 
 def test_checkpoint_from_another_config_names_the_keys(trained):

@@ -178,3 +178,25 @@ def test_launcher_dry_run_prints_commands(script, env, args, expected):
   for line, parts in zip(out, expected):
     for part in parts:
       assert part in line, (part, line)
+
+
+def test_tpu_pod_remote_command_keeps_each_argument_one_word():
+  """An override with shell syntax in it ('(8,4)') reaches the workers' python as one argv
+  word: the remote command is valid bash and its python line, run with python stubbed to print
+  its arguments, prints each one intact."""
+  env = dict(os.environ, TPU_NAME="pod", ZONE="z", WORKDIR="gs://b/my w", TFDS_DIR="gs://b/t",
+             REPO="https://example.com/soda.git")
+  args = ["--config.mesh.shape=(8,4)", "--config.data.split=train[:90%]", "--config.seed=1"]
+  line = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "--dry_run",
+                         "configs/imagenet.py", *args], env=env, capture_output=True,
+                        text=True, timeout=60, check=True).stdout.strip()
+  # The printed gcloud argv, parsed back by bash; its last word is the remote command.
+  remote = subprocess.run(["bash", "-c", f'eval "set -- {line}"; printf %s "${{@: -1}}"'],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+  subprocess.run(["bash", "-n", "-c", remote], check=True, timeout=60)  # valid syntax
+  python_line = remote[remote.index("SODA_DISTRIBUTED=1"):]
+  argv = subprocess.run(["bash", "-c", "python() { printf '%s\\n' \"$@\"; }; " + python_line],
+                        capture_output=True, text=True, timeout=60, check=True).stdout
+  assert argv.splitlines() == ["-m", "soda_jax.main", "--config=configs/imagenet.py",
+                               "--workdir=gs://b/my w", "--config.data.tfds_data_dir=gs://b/t",
+                               *args]
