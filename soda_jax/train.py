@@ -221,7 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f"\nSODA after {step} steps (frozen EMA encoder, {config.data.name}):\n"
             + representation.format_table(result["eval"]), flush=True)
   if finished and sources.is_multiview(config.data) and config.evals.nvs_objects > 0:
-    result["nvs"] = nvs.evaluate(config, model, state.eval_variables(), workdir, step, writer)
+    result["nvs"] = nvs.evaluate(config, model, state.eval_variables(), workdir, step, writer,
+                                 mesh=mesh)
   ckpt.close()
   writer.flush()
   result["state"] = state

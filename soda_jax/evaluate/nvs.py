@@ -24,11 +24,12 @@ from typing import Any, Dict, Optional, Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from soda_jax import diffusion
+from soda_jax import diffusion, multihost, sharding
 from soda_jax.data import cameras, multiview, sources, views
 from soda_jax.evaluate import generate, metrics
 from soda_jax.models import soda
@@ -76,6 +77,10 @@ def scores(images, target) -> Dict[str, float]:
           "ssim": float(jnp.mean(metrics.ssim(images, target, DATA_RANGE)))}
 
 
+CHUNK = 64  # examples per sampler call: bounded memory for NMR/SRN's hundreds of objects
+
+
+@functools.partial(multihost.compile_then_meet, name="nvs_sample")
 @functools.partial(jax.jit, static_argnames=("model", "use_latent", "schedule", "pred_type",
                                              "num_steps", "eta", "w_z", "w_p", "clip_x0"))
 def _sample(model, variables, source, source_rays, target_rays, rng, *, use_latent, schedule,
@@ -97,17 +102,35 @@ def _sample(model, variables, source, source_rays, target_rays, rng, *, use_late
 
 
 def sample_views(model: soda.SODA, variables: Any, source, source_rays, target_rays,
-                 rng: jax.Array, dcfg: ml_collections.ConfigDict,
-                 use_latent: bool = True) -> jax.Array:
+                 rng: jax.Array, dcfg: ml_collections.ConfigDict, use_latent: bool = True,
+                 mesh: Optional[jax.sharding.Mesh] = None) -> np.ndarray:
   """DDIM samples (B, H, W, C) of the target cameras `target_rays` (B, H, W, 6) given K source
-  views (B, K, H, W, C) and their rays; use_latent=False drops z (the unconditional model)."""
-  return _sample(model, variables, jnp.asarray(source), jnp.asarray(source_rays),
-                 jnp.asarray(target_rays), rng, use_latent=bool(use_latent),
-                 schedule=dcfg.schedule, pred_type=dcfg.pred_type,
-                 num_steps=int(dcfg.sample_steps), eta=float(dcfg.eta),
-                 w_z=float(dcfg.w_z) if use_latent else 1.0,  # no z: guidance on it is moot
-                 w_p=float(dcfg.w_p),
-                 clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
+  views (B, K, H, W, C) and their rays; use_latent=False drops z (the unconditional model).
+
+  Host arrays in, host numpy out, the same on every process: every process passes the same
+  full arrays; each chunk of CHUNK examples is split over the mesh's devices (default: all
+  devices on the 'data' axis), sampled, and gathered back.
+  """
+  source, source_rays, target_rays = (np.asarray(a) for a in (source, source_rays, target_rays))
+  if mesh is None:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
+  n = len(target_rays)
+  rows = min(CHUNK + (-CHUNK % mesh.size), n + (-n % mesh.size))
+  kwargs = dict(use_latent=bool(use_latent), schedule=dcfg.schedule, pred_type=dcfg.pred_type,
+                num_steps=int(dcfg.sample_steps), eta=float(dcfg.eta),
+                w_z=float(dcfg.w_z) if use_latent else 1.0,  # no z: guidance on it is moot
+                w_p=float(dcfg.w_p),
+                clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
+  out = []
+  for i, start in enumerate(range(0, n, rows)):
+    part = slice(start, start + rows)
+    args = [sharding.batch_from_host(a[part], mesh, rows)[0]
+            for a in (source, source_rays, target_rays)]
+    chunk_rng = rng if i == 0 else jax.random.fold_in(rng, i)
+    sampled = _sample(model, variables, *args, chunk_rng, **kwargs)
+    out.append(np.asarray(multihost_utils.process_allgather(sampled, tiled=True))
+               [:len(target_rays[part])])
+  return np.concatenate(out)
 
 
 def turntable_views(src: Any, index: int, num_cameras: int) -> np.ndarray:
@@ -119,7 +142,8 @@ def turntable_views(src: Any, index: int, num_cameras: int) -> np.ndarray:
 
 
 def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects: int,
-                   num_cameras: int, rng: jax.Array, dcfg) -> Optional[np.ndarray]:
+                   num_cameras: int, rng: jax.Array, dcfg,
+                   mesh: Optional[jax.sharding.Mesh] = None) -> Optional[np.ndarray]:
   """uint8 grid, a row per object: its K source views | (true view, sample) at num_cameras
   target cameras around it (`turntable_views`)."""
   g = min(int(num_objects), len(ex["index"]))
@@ -134,8 +158,8 @@ def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects
     rays.append(cameras.ray_map(w2c[cams], k[cams], size, size))
   trues, rays = np.stack(trues), np.stack(rays)  # (G, T, S, S, 3 | 6)
   rep = lambda a: np.repeat(a[:g], num_cameras, axis=0)  # (G * T, ...) object-major
-  samples = np.asarray(sample_views(model, variables, rep(ex["source"]), rep(ex["source_rays"]),
-                                    rays.reshape((-1,) + rays.shape[2:]), rng, dcfg))
+  samples = sample_views(model, variables, rep(ex["source"]), rep(ex["source_rays"]),
+                         rays.reshape((-1,) + rays.shape[2:]), rng, dcfg, mesh=mesh)
   samples = samples.reshape(trues.shape)
   columns = [ex["source"][:g, j] for j in range(ex["source"].shape[1])]
   for j in range(num_cameras):
@@ -152,8 +176,10 @@ def format_table(results: Dict[str, Dict[str, Dict[str, float]]]) -> str:
 
 
 def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any, workdir: str,
-             step: int, writer: Any = None) -> Dict[str, Any]:
+             step: int, writer: Any = None,
+             mesh: Optional[jax.sharding.Mesh] = None) -> Dict[str, Any]:
   """The NVS evaluation of `variables` (EMA params + their statistics); see the module doc.
+  Samples are split over `mesh` (default: the config's), so it runs across processes too.
 
   Returns (and writes to workdir/nvs_eval.json) {'step', 'dataset', 'split', 'num_objects',
   'image_size', 'sample_steps', 'w_z', 'w_p', 'source_views', 'results': {'k<K>': {method:
@@ -164,14 +190,17 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
   src = sources.get_source(config.data, config.data.eval_split)
   ex = heldout_examples(src, ev.nvs_objects, max(ks), seed=config.seed)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x4E5653)  # 'NVS'
+  if mesh is None:
+    mesh = sharding.make_mesh(config)
   target = ex["target"]
   one = slice(0, 1)
   uncond = scores(sample_views(model, variables, ex["source"][:, one], ex["source_rays"][:, one],
-                               ex["target_rays"], rng, dcfg, use_latent=False), target)
+                               ex["target_rays"], rng, dcfg, use_latent=False, mesh=mesh),
+                  target)
   results = {}
   for k in ks:
     sampled = sample_views(model, variables, ex["source"][:, :k], ex["source_rays"][:, :k],
-                           ex["target_rays"], rng, dcfg)
+                           ex["target_rays"], rng, dcfg, mesh=mesh)
     near, _ = nearest_view(ex["source"][:, :k], ex["source_centres"][:, :k], ex["target_centre"])
     results[f"k{k}"] = {"soda": scores(sampled, target), "nearest_view": scores(near, target),
                         "unconditional": dict(uncond)}
@@ -180,7 +209,7 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
              sample_steps=int(dcfg.sample_steps), w_z=float(dcfg.w_z), w_p=float(dcfg.w_p),
              source_views=list(ks), results=results)
   grid = turntable_grid(model, variables, src, ex, ev.nvs_grid_objects, ev.nvs_turntable,
-                        jax.random.fold_in(rng, 1), dcfg)
+                        jax.random.fold_in(rng, 1), dcfg, mesh=mesh)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "nvs_eval.json"), "w") as f:
