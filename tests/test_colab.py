@@ -32,13 +32,20 @@ def test_notebook_runs(name, monkeypatch, tmp_path):
     exec(compile(src, f"{name}[cell {i}]", "exec"), scope)  # pylint: disable=exec-used
   if name == "explore.ipynb":
     assert sorted(os.path.basename(p) for p in scope["written"]) == [
-        "guidance_w_z.png", "interpolation.png", "novel_views.png", "subvector_swaps.png"]
+        "guidance_w_z.png", "interpolation.png", "novel_views.png", "subvector_swaps.png",
+        "subvector_traversals.png"]
     # The interpolation's ends are the pairs' own latents: the swap figure decodes the same
     # latents with the same noise, so its outer columns are the same images.
     interp, swaps = scope["interp_columns"], scope["swap_columns"]
     assert len(swaps) == scope["model"].num_subvectors + 2
     np.testing.assert_array_equal(np.asarray(interp[0]), np.asarray(swaps[0]))
     np.testing.assert_array_equal(np.asarray(interp[-1]), np.asarray(swaps[-1]))
+    # Traversals: a column per step, a row per sub-vector; moving sub-vector k changes row k.
+    walk = [np.asarray(c) for c in scope["walk_columns"]]
+    assert len(walk) == len(scope["STEPS"]) and walk[0].shape[0] == scope["rows"]
+    zero = scope["STEPS"].index(0.0)
+    for k in range(scope["rows"]):
+      assert np.abs(walk[0][k] - walk[zero][k]).max() > 0, k
     return
   if name == "export.ipynb":  # torch features match soda_jax's; safetensors round trip bitwise
     r = scope["export_result"]

@@ -42,3 +42,19 @@ def test_interpolate_ends_and_steps():
   np.testing.assert_allclose(path, [[0, 2], [1, 1], [2, 0], [3, -1], [4, -2]])
   with pytest.raises(ValueError, match="num=1"):
     latents.interpolate(z_a, z_b, 1)
+
+
+def test_traverse_moves_one_subvector_by_its_scaled_steps():
+  model = _model()  # groups of 4, 4, 3
+  z = np.arange(11, dtype=np.float32)
+  scale = np.full(11, 0.5, np.float32)
+  out = latents.traverse_subvectors(z, scale, model, steps=(-2.0, 0.0, 1.0))
+  assert out.shape == (3, 3, 11)
+  for s, step in enumerate((-2.0, 0.0, 1.0)):
+    for k, part in enumerate(model.subvector_slices):
+      expected = z.copy()
+      expected[part] += 0.5 * step
+      np.testing.assert_array_equal(out[s, k], expected)
+  np.testing.assert_array_equal(out[1], np.stack([z] * 3))  # step 0: z itself
+  with pytest.raises(ValueError, match=r"z \(10,\) and scale \(11,\) must both be \(11,\)"):
+    latents.traverse_subvectors(z[:10], scale, model)
