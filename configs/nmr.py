@@ -3,8 +3,8 @@
 Point `:folder=` (or --config.data.folder) at the DVR/NMR release (`<synset>/<object>/image`,
 `cameras.npz`, `softras_<split>.lst`; see data/multiview_readers.py), e.g.
 python -m soda_jax.main --config=configs/nmr.py:folder=/data/NMR_Dataset --workdir=...
-Trains with K = 2 source views (latents averaged), evaluates with 1 and 3. Not run in this
-project yet: sizes follow the cifar10 recipe scaled to 64x64, not a tuned recipe.
+Trains with 1 or 2 source views per example (latents averaged), evaluates with 1 and 3. Not run
+in this project yet: sizes follow the cifar10 recipe scaled to 64x64, not a tuned recipe.
 """
 from soda_jax import config_base
 

@@ -1,7 +1,7 @@
 """3-D novel view synthesis on the embedded synthetic objects (data/multiview.py), CPU-sized.
 
 python -m soda_jax.main --config=configs/nvs_synthetic.py --workdir=/tmp/soda_nvs
-32x32 views of generated objects (24 azimuths x 2 elevations), K = 2 source views per example
+32x32 views of generated objects (24 azimuths x 2 elevations), 1 or 2 source views per example
 (their latents averaged), the target camera's Plucker rays as the decoder's pose. At the end,
 evaluate/nvs.py scores samples of held-out views of unseen objects with 1 and 3 source views
 against copying the nearest source view and the latent-free model (workdir/nvs_eval.json).

@@ -3,8 +3,8 @@
 Point `:folder=` at the directory holding `cars_train/` and `cars_test/` (SRN layout:
 `<object>/rgb`, `pose`, `intrinsics.txt`; see data/multiview_readers.py), e.g.
 python -m soda_jax.main --config=configs/srn_cars.py:folder=/data/srn_cars --workdir=...
-Trains with K = 2 source views (latents averaged), evaluates with 1 and 3. Not run in this
-project yet: sizes follow the imagenet recipe's 128x128 decoder, not a tuned recipe.
+Trains with 1 or 2 source views per example (latents averaged), evaluates with 1 and 3. Not run
+in this project yet: sizes follow the imagenet recipe's 128x128 decoder, not a tuned recipe.
 """
 from soda_jax import config_base
 
