@@ -2,6 +2,8 @@
 reproducible), and the end-to-end run of a tiny multi-view config."""
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -13,7 +15,7 @@ from soda_jax.data import cameras, multiview, sources
 from soda_jax.evaluate import metrics, nvs
 from soda_jax.models import soda
 from tests.random_params import perturbed
-from tests.test_config_checks import load_config
+from tests.test_config_checks import ROOT, load_config
 
 
 def test_nearest_view_baseline_by_hand():
@@ -86,6 +88,20 @@ def test_multiview_train_and_nvs_eval_end_to_end(tmp_path):
     saved = json.load(f)
   assert saved["step"] == 2 and set(saved["results"]) == {"k1", "k3"}
   assert out["nvs"] == saved
+  # Re-evaluated from the checkpoint with another sampler setting, into its own directory.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  p = subprocess.run([sys.executable, "-m", "soda_jax.evaluate",
+                      "--config=configs/nvs_synthetic.py:variant=tiny", f"--workdir={tmp_path}",
+                      "--config.diffusion.w_p=2.0", f"--out={tmp_path / 'ev'}"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "Novel views after 2 steps" in p.stdout
+  with open(tmp_path / "ev" / "nvs_eval.json") as f:
+    again = json.load(f)
+  assert again["step"] == 2 and again["w_p"] == 2.0 and saved["w_p"] == 1.0
+  # Same checkpoint, views and noise: the copy baseline is identical, the samples are not.
+  assert again["results"]["k1"]["nearest_view"] == saved["results"]["k1"]["nearest_view"]
+  assert again["results"]["k1"]["soda"] != saved["results"]["k1"]["soda"]
 
 
 def test_rows_score_each_method_against_the_same_targets(tmp_path, monkeypatch):
