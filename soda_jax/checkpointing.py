@@ -11,9 +11,10 @@ warning naming the damaged one, and moves the damaged steps to `workdir/checkpoi
 (kept for inspection; left in place, the run would fail when it reaches their step numbers
 again and Orbax refuses to overwrite them); `restore` of an explicitly requested step raises
 `DamagedCheckpointError` instead. Whether a step is damaged is agreed by every process
-(through the coordination service, not the collectives): each reads only its own shards. Before reading any array, the saved config and the stored
-array shapes are compared with this run's: a checkpoint written by another model config fails
-with `ConfigMismatchError` naming the keys that differ.
+(through the coordination service, not the collectives): each reads only its own shards.
+Before reading any array, the saved config and the stored array shapes are compared with this
+run's: a checkpoint written by another model config fails with `ConfigMismatchError` naming the
+keys that differ.
 """
 import functools
 import json

@@ -15,7 +15,7 @@ import platform
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 from absl import logging
 import jax
@@ -57,28 +57,29 @@ def _cpu_features() -> str:
   return f"{platform.machine()}:{hashlib.sha256(flags.encode()).hexdigest()}"
 
 
-def _all_processes_agree(value: str, name: str) -> bool:
-  """Whether every process passed the same `value` (through the coordination service's
-  key-value store, not the collectives)."""
+def _exchange(value: str, key: str) -> List[str]:
+  """Every process's `value` for `key`, in process order, through the coordination service's
+  key-value store (not the collectives). A key is written once: callers make it unique."""
   client = distributed.global_state.client
-  client.key_value_set(f"soda/{name}/{jax.process_index()}", value)
-  return all(client.blocking_key_value_get(f"soda/{name}/{i}", BARRIER_TIMEOUT_S * 1000) == value
-             for i in range(jax.process_count()))
+  client.key_value_set(f"{key}/{jax.process_index()}", value)
+  return [client.blocking_key_value_get(f"{key}/{i}", BARRIER_TIMEOUT_S * 1000)
+          for i in range(jax.process_count())]
+
+
+def _all_processes_agree(value: str, name: str) -> bool:
+  """Whether every process passed the same `value`."""
+  return all(v == value for v in _exchange(value, f"soda/{name}"))
 
 
 _all_true_ids = itertools.count()  # the same sequence on every process
 
 
 def all_true(ok: bool, name: str) -> bool:
-  """True only if every process passed ok=True (the key-value store, not the collectives;
-  `ok` with one process)."""
+  """True only if every process passed ok=True (`ok` itself with one process)."""
   if jax.process_count() == 1:
     return bool(ok)
-  client = distributed.global_state.client
   key = f"soda/all_true/{name}/{next(_all_true_ids)}"
-  client.key_value_set(f"{key}/{jax.process_index()}", "1" if ok else "0")
-  return all(client.blocking_key_value_get(f"{key}/{i}", BARRIER_TIMEOUT_S * 1000) == "1"
-             for i in range(jax.process_count()))
+  return all(v == "1" for v in _exchange("1" if ok else "0", key))
 
 
 _shared = []  # [result] once decided: the key patch is process-wide, the exchange runs once

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from soda_jax import compile_once, train, train_step as ts
+from soda_jax import compile_once, sharding, train, train_step as ts
 from soda_jax.data import cameras, multiview, sources
 from soda_jax.evaluate import metrics, nvs
 from soda_jax.models import soda
@@ -111,8 +111,8 @@ def test_rows_score_each_method_against_the_same_targets(tmp_path, monkeypatch):
   the same objects, targets and order. No model is run."""
   config = load_config("nvs_synthetic", "variant=tiny")
 
-  def fake_sample_views(model, variables, source, source_rays, target_rays, rng, dcfg,
-                        use_latent=True, mesh=None):
+  def fake_sample_views(model, variables, source, source_rays, target_rays, rng, dcfg, mesh,
+                        use_latent=True):
     assert mesh is not None and mesh.size == jax.device_count()
     source = np.asarray(source)
     assert source.shape[0] == np.asarray(target_rays).shape[0]
@@ -169,11 +169,12 @@ def test_sample_views_in_chunks_over_the_mesh(monkeypatch):
   source, rays, target_rays = rep(ex["source"]), rep(ex["source_rays"]), rep(ex["target_rays"])
   monkeypatch.setattr(nvs, "CHUNK", 8)
   rng = jax.random.PRNGKey(3)
-  out = nvs.sample_views(model, variables, source, rays, target_rays, rng, config.diffusion)
+  mesh = sharding.make_mesh(config)  # 8 devices
+  out = nvs.sample_views(model, variables, source, rays, target_rays, rng, config.diffusion, mesh)
   assert isinstance(out, np.ndarray) and out.shape == (12, 16, 16, 3)
   assert np.isfinite(out).all() and np.abs(out).max() <= 1
   first = nvs.sample_views(model, variables, source[:8], rays[:8], target_rays[:8], rng,
-                           config.diffusion)
+                           config.diffusion, mesh)
   np.testing.assert_array_equal(out[:8], first)
   # The second chunk draws its own noise: its copy of objects 0-3 differs from the first's.
   assert np.abs(out[8:] - out[:4]).max() > 1e-3

@@ -365,9 +365,9 @@ def multiview_errors(data: ml_collections.ConfigDict) -> List[str]:
   k = data.num_source_views
   if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SOURCE_VIEWS:
     errs.append(f"config.data.num_source_views={k!r} must be an int in [1, {MAX_SOURCE_VIEWS}]")
-  lo = data.get("min_source_views", 1)
-  if isinstance(lo, bool) or not isinstance(lo, int) or not 1 <= lo <= (
-      k if isinstance(k, int) and not isinstance(k, bool) else MAX_SOURCE_VIEWS):
+  lo = data.min_source_views
+  top = k if isinstance(k, int) and not isinstance(k, bool) else MAX_SOURCE_VIEWS
+  if isinstance(lo, bool) or not isinstance(lo, int) or not 1 <= lo <= top:
     errs.append(f"config.data.min_source_views={lo!r} must be an int in [1, "
                 f"num_source_views={k!r}]")
   return errs

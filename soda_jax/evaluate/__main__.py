@@ -48,6 +48,9 @@ def main(argv):
   if state is None:
     sys.exit(f"Error: no checkpoint in {ckpt.directory}")
   if sources.is_multiview(config.data):
+    if config.evals.nvs_objects <= 0:
+      sys.exit(f"Error: config.evals.nvs_objects={config.evals.nvs_objects}: nothing to "
+               "evaluate for a multi-view config (set it > 0)")
     out = _OUT.value or os.path.join(_WORKDIR.value, "evaluate")
     nvs.evaluate(config, model, state.eval_variables(), out, step, mesh=mesh)  # prints its table
     return

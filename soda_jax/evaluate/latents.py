@@ -1,6 +1,6 @@
 """Latent arithmetic for looking at what z carries (colabs/explore.ipynb): interpolations,
-per-sub-vector swaps and traversals. With layer modulation, sub-vector k of z drives only its own group of
-decoder levels (soda.SODA.modulations), so swapping one sub-vector between two images shows
+per-sub-vector swaps and traversals. With layer modulation, sub-vector k of z drives only its
+own group of decoder levels (soda.SODA.modulations), so swapping or moving one sub-vector shows
 what that group of layers controls (`SODA.subvector_slices`). Decode the results with
 `generate.decode`."""
 import numpy as np

@@ -102,18 +102,16 @@ def _sample(model, variables, source, source_rays, target_rays, rng, *, use_late
 
 
 def sample_views(model: soda.SODA, variables: Any, source, source_rays, target_rays,
-                 rng: jax.Array, dcfg: ml_collections.ConfigDict, use_latent: bool = True,
-                 mesh: Optional[jax.sharding.Mesh] = None) -> np.ndarray:
+                 rng: jax.Array, dcfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 use_latent: bool = True) -> np.ndarray:
   """DDIM samples (B, H, W, C) of the target cameras `target_rays` (B, H, W, 6) given K source
   views (B, K, H, W, C) and their rays; use_latent=False drops z (the unconditional model).
 
   Host arrays in, host numpy out, the same on every process: every process passes the same
-  full arrays; each chunk of CHUNK examples is split over the mesh's devices (default: all
-  devices on the 'data' axis), sampled, and gathered back.
+  full arrays; each chunk of CHUNK examples is split over the mesh's devices (the params'
+  mesh, `sharding.make_mesh(config)`), sampled, and gathered back.
   """
   source, source_rays, target_rays = (np.asarray(a) for a in (source, source_rays, target_rays))
-  if mesh is None:
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1), ("data", "fsdp"))
   n = len(target_rays)
   rows = min(CHUNK + (-CHUNK % mesh.size), n + (-n % mesh.size))
   kwargs = dict(use_latent=bool(use_latent), schedule=dcfg.schedule, pred_type=dcfg.pred_type,
@@ -143,7 +141,7 @@ def turntable_views(src: Any, index: int, num_cameras: int) -> np.ndarray:
 
 def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects: int,
                    num_cameras: int, rng: jax.Array, dcfg,
-                   mesh: Optional[jax.sharding.Mesh] = None) -> Optional[np.ndarray]:
+                   mesh: jax.sharding.Mesh) -> Optional[np.ndarray]:
   """uint8 grid, a row per object: its K source views | (true view, sample) at num_cameras
   target cameras around it (`turntable_views`)."""
   g = min(int(num_objects), len(ex["index"]))
@@ -159,7 +157,7 @@ def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects
   trues, rays = np.stack(trues), np.stack(rays)  # (G, T, S, S, 3 | 6)
   rep = lambda a: np.repeat(a[:g], num_cameras, axis=0)  # (G * T, ...) object-major
   samples = sample_views(model, variables, rep(ex["source"]), rep(ex["source_rays"]),
-                         rays.reshape((-1,) + rays.shape[2:]), rng, dcfg, mesh=mesh)
+                         rays.reshape((-1,) + rays.shape[2:]), rng, dcfg, mesh)
   samples = samples.reshape(trues.shape)
   columns = [ex["source"][:g, j] for j in range(ex["source"].shape[1])]
   for j in range(num_cameras):
@@ -195,12 +193,11 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
   target = ex["target"]
   one = slice(0, 1)
   uncond = scores(sample_views(model, variables, ex["source"][:, one], ex["source_rays"][:, one],
-                               ex["target_rays"], rng, dcfg, use_latent=False, mesh=mesh),
-                  target)
+                               ex["target_rays"], rng, dcfg, mesh, use_latent=False), target)
   results = {}
   for k in ks:
     sampled = sample_views(model, variables, ex["source"][:, :k], ex["source_rays"][:, :k],
-                           ex["target_rays"], rng, dcfg, mesh=mesh)
+                           ex["target_rays"], rng, dcfg, mesh)
     near, _ = nearest_view(ex["source"][:, :k], ex["source_centres"][:, :k], ex["target_centre"])
     results[f"k{k}"] = {"soda": scores(sampled, target), "nearest_view": scores(near, target),
                         "unconditional": dict(uncond)}
