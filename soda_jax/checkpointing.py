@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from soda_jax import multihost
+from soda_jax import config_base, multihost
 
 ITEMS = ("state", "data", "config")
 # Config keys that decide the state's structure or meaning: a difference in any of them makes a
@@ -77,6 +77,12 @@ def config_diff(saved: dict, config: ml_collections.ConfigDict) -> Dict[str, Tup
   old = _flatten(saved)
   return {k: (old.get(k, "<absent>"), now.get(k, "<absent>"))
           for k in sorted(set(old) | set(now)) if old.get(k, "<absent>") != now.get(k, "<absent>")}
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_defaults() -> Dict[str, Any]:
+  """Every config key's default (config_base.base_config), flattened as config_diff does."""
+  return _flatten(json.loads(json.dumps(config_base.base_config().to_dict())))
 
 
 def _shape_mismatches(stored: Any, abstract: Any) -> List[str]:
@@ -217,7 +223,14 @@ class Checkpointer:
       raise DamagedCheckpointError(f"{self._where(step)} is damaged (no array metadata: "
                                    "state/_METADATA is missing or unreadable)")
     diff = config_diff(saved, config) if config is not None else {}
-    key_diff = {k: v for k, v in diff.items() if k.startswith(STATE_KEYS)}
+    # A key the checkpoint lacks was added to the schema after it was written; at its default
+    # (which keeps the old behaviour) it is no difference, so upgrading does not orphan workdirs.
+    added = {k for k, (old, now) in diff.items()
+             if old == "<absent>" and _schema_defaults().get(k, "<absent>") == now}
+    if added:
+      logging.info("%s predates config keys %s; they are at their defaults", self._where(step),
+                   sorted(added))
+    key_diff = {k: v for k, v in diff.items() if k.startswith(STATE_KEYS) and k not in added}
     shapes = _shape_mismatches(stored, abstract_state)
     if key_diff or shapes:
       lines = [f"config.{k}: checkpoint has {a!r}, this run has {b!r}"

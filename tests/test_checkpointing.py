@@ -1,6 +1,7 @@
 """Checkpoints that cannot be used fail with a message, not a TensorStore traceback:
 damaged newest step -> the newest intact one; another config -> the keys that differ."""
 import glob
+import json
 import logging
 import os
 import shutil
@@ -128,6 +129,26 @@ def test_checkpoint_from_another_config_names_the_keys(trained):
   assert "config.model.latent_dim: checkpoint has 24, this run has 11" in msg
   assert "arrays differ in shape" in msg
   assert "num_train_steps" not in msg  # harmless differences are not listed
+
+
+def test_checkpoint_from_before_a_key_existed_resumes_at_its_default(trained, tmp_path):
+  """A key added to the schema after the checkpoint was written is no difference at its default
+  (the old behaviour), and is one at any other value."""
+  workdir = tmp_path / "w"
+  shutil.copytree(trained, workdir)
+  meta = workdir / "checkpoints" / str(NEW) / "config" / "metadata"
+  saved = json.loads(meta.read_text())
+  assert saved["model"]["decoder"].pop("pose_injection") == "input"
+  meta.write_text(json.dumps(saved))
+  ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
+  config = _tiny()
+  ckpt.check_compatible(NEW, _abstract(config), config)  # no error
+  other = _tiny(**{"model.pose": "box", "model.decoder.pose_injection": "every_level"})
+  with pytest.raises(checkpointing.ConfigMismatchError) as e:
+    ckpt.check_compatible(NEW, _abstract(other), other)
+  ckpt.close()
+  assert "config.model.decoder.pose_injection: checkpoint has '<absent>', this run has " \
+         "'every_level'" in str(e.value)
 
 
 def _run(module, *flags):
