@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the same xdist worker runs them, so their programs come from the compilation cache.
 _GROUPS = {"export.ipynb": "export", "soda_quickstart.ipynb": "tiny_train",
            "explore.ipynb": "tiny_train"}
+
+
+def test_package_is_installed_where_the_notebooks_find_it(tmp_path):
+  """The notebooks import soda_jax as an installed package (README: `pip install -e .`), from any
+  directory, and find configs/ beside it: the editable install points at this checkout."""
+  out = subprocess.run(
+      [sys.executable, "-c", "import soda_jax; print(soda_jax.__file__)"], cwd=tmp_path,
+      env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True,
+      text=True, check=False)
+  assert out.returncode == 0, f"soda_jax is not installed (pip install -e .):\n{out.stderr[-500:]}"
+  assert os.path.dirname(os.path.dirname(os.path.abspath(out.stdout.strip()))) == ROOT, out.stdout
 
 
 @pytest.mark.slow
@@ -29,6 +42,7 @@ def test_notebook_runs(name, monkeypatch, tmp_path):
   scope = {"__name__": "__colab__"}
   for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
     src = "".join(cell["source"]).replace("/tmp/soda_colab", str(tmp_path))
+    assert "sys.path" not in src, f"{name}[cell {i}]: import the installed package (pip install -e .)"
     exec(compile(src, f"{name}[cell {i}]", "exec"), scope)  # pylint: disable=exec-used
   if name == "explore.ipynb":
     assert sorted(os.path.basename(p) for p in scope["written"]) == [
