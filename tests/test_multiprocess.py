@@ -82,10 +82,9 @@ def _params(workdir, step):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SODA_MULTIPROCESS_TEST") != "1", reason=(
-    "opt-in (SODA_MULTIPROCESS_TEST=1): passes (355 s alone, cold cache), but in the suite it "
-    "took 557 s and the suite 1360 s instead of ~1000, which would put CI at ~28 of its 30 "
-    "minutes (docs/benchmarks.md, 'Multi-host and fault tolerance')"))
+@pytest.mark.skipif(os.environ.get("SODA_MULTIPROCESS_TEST") == "0", reason=(
+    "SODA_MULTIPROCESS_TEST=0 (a local opt-out; CI runs it): 115-127 s alone on an Intel Xeon, "
+    "289 s inside the suite on an AMD EPYC (docs/benchmarks.md, 'Multi-host and fault tolerance')"))
 def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   # (a) + (d): straight run with an end-of-run sample grid.
   a = tmp_path / "a"
