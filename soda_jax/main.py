@@ -24,14 +24,18 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _distributed(config) -> bool:
+  """Asked for by the flag, the config or the environment."""
+  if _DISTRIBUTED.value is not None:
+    return _DISTRIBUTED.value
+  return (config.distributed or os.environ.get("SODA_DISTRIBUTED") == "1"
+          or _COORDINATOR.value is not None)
+
+
 def initialize_distributed(config) -> None:
   """jax.distributed.initialize() when asked (flag, config or env), else nothing."""
   import jax  # pylint: disable=g-import-not-at-top
-  distributed = _DISTRIBUTED.value
-  if distributed is None:
-    distributed = (config.distributed or os.environ.get("SODA_DISTRIBUTED") == "1"
-                   or _COORDINATOR.value is not None)
-  if not distributed:
+  if not _distributed(config):
     return
   if _COORDINATOR.value is not None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -42,8 +46,11 @@ def initialize_distributed(config) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  if not _distributed(config):  # multi-process launches choose their own device counts
+    from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
+    cpu_devices.use_one_device_per_core(config.batch_size)
+  import jax  # pylint: disable=g-import-not-at-top
   initialize_distributed(config)
   logging.info("JAX process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
                jax.local_device_count())

@@ -1,0 +1,74 @@
+"""How many CPU devices a CPU-only run splits its batch over, chosen from the machine.
+
+XLA:CPU runs each device's program on its own, so a batch split over several host devices
+keeps every core busy on small convolutions that one device's intra-op threads do not
+parallelise well. One device per core was the fastest measured on the 2-core machines (demo
+step, batch 64, AMD EPYC: 2 devices 0.44-0.52 s, 4 devices 0.58, 8 devices 0.59-0.65, 1 device
+0.95; docs/benchmarks.md, session 16), so a CPU-only run that has not chosen a count gets one
+device per usable core, as many as divide its batch (at most MAX_DEVICES).
+
+The count must be in XLA_FLAGS before JAX creates its CPU backend: `use_one_device_per_core`
+is called by the CLI entry points before anything asks JAX for devices.
+"""
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+from typing import Optional
+
+from absl import logging
+
+FLAG = "--xla_force_host_platform_device_count"
+MAX_DEVICES = 8  # the most measured (the test suite's 8 fake devices)
+
+
+def device_count(cores: int, batch_size: int) -> int:
+  """The largest count <= min(cores, MAX_DEVICES) that divides batch_size (at least 1)."""
+  if cores < 1 or batch_size < 1:
+    raise ValueError(f"cores={cores} and batch_size={batch_size} must be >= 1")
+  return max(n for n in range(1, min(cores, MAX_DEVICES) + 1) if batch_size % n == 0)
+
+
+def _accelerator_plugin() -> Optional[str]:
+  """The name of an installed JAX GPU/TPU backend, if any (then JAX will not run on the CPU)."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return "libtpu"
+  for ep in importlib.metadata.entry_points(group="jax_plugins"):
+    return ep.name
+  try:
+    import jax_plugins  # pylint: disable=g-import-not-at-top
+    for mod in pkgutil.iter_modules(jax_plugins.__path__):
+      return mod.name
+  except ImportError:
+    pass
+  return None
+
+
+def use_one_device_per_core(batch_size: int) -> Optional[int]:
+  """Set XLA_FLAGS' host device count for a CPU-only single-process run; returns the count set.
+
+  Leaves everything as it is (returns None) when the user chose a count in XLA_FLAGS, when
+  JAX_PLATFORMS names another platform first, when a GPU/TPU backend is installed, or when JAX's
+  backends already exist (too late: said in a warning)."""
+  if FLAG in os.environ.get("XLA_FLAGS", ""):
+    return None
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and platforms.split(",")[0].strip() != "cpu":
+    return None
+  plugin = _accelerator_plugin()
+  if plugin is not None:
+    logging.info("JAX backend %r installed: CPU device count left at its default", plugin)
+    return None
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    initialized = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # private API moved: assume not yet (the CLI's case)
+    initialized = False
+  if initialized:
+    logging.warning("JAX's backends already exist: CPU device count left as it is")
+    return None
+  n = device_count(len(os.sched_getaffinity(0)), batch_size)
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}={n}".strip()
+  logging.info("CPU-only run: the batch of %d split over %d CPU devices (one per core; set "
+               "XLA_FLAGS=%s=N to choose)", batch_size, n, FLAG)
+  return n
