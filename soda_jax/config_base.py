@@ -149,8 +149,9 @@ def use_multiview(c: ml_collections.ConfigDict, name: str, image_size: int,
                   num_source_views: int) -> ml_collections.ConfigDict:
   """Switch a config to 3-D novel view synthesis on a multi-view dataset (in place).
 
-  Camera rays condition the model (pose='rays'); the 2-D evaluations (sample grids, probes,
-  z-usage) are off, the NVS evaluation (evaluate/nvs.py) runs at the end instead.
+  Camera rays condition the model (pose='rays'); the 2-D evaluations (sample grids, probes) are
+  off, the NVS evaluation (evaluate/nvs.py) runs at the end instead; z-usage runs on held-out
+  objects (source views -> a target view from another camera).
   """
   c.data.name = name
   c.data.image_size = image_size
@@ -159,7 +160,6 @@ def use_multiview(c: ml_collections.ConfigDict, name: str, image_size: int,
   c.model.pose = "rays"
   c.evals.num_samples = 0
   c.evals.probe_every_steps = -1
-  c.evals.z_usage_every_steps = -1
   return c
 
 

@@ -204,7 +204,7 @@ def multiview_errors(config: ml_collections.ConfigDict) -> List[str]:
   if not multiview or "evals" not in config:
     return errs
   ev = config.evals
-  for key, need in (("num_samples", 0), ("probe_every_steps", -1), ("z_usage_every_steps", -1)):
+  for key, need in (("num_samples", 0), ("probe_every_steps", -1)):
     if ev[key] != need:
       errs.append(f"config.evals.{key}={ev[key]!r} must be {need} for the multi-view dataset "
                   f"config.data.name={name!r}: a 2-D evaluation (the NVS evaluation, "

@@ -88,6 +88,11 @@ def test_multiview_train_and_nvs_eval_end_to_end(tmp_path):
     saved = json.load(f)
   assert saved["step"] == 2 and set(saved["results"]) == {"k1", "k3"}
   assert out["nvs"] == saved
+  # z usage on held-out objects at the end: the decoder's x0-error with the true, shuffled and
+  # dropped latent of K posed source views.
+  (z_step, z_scalars), = out["z_usage"]
+  assert z_step == 2 and all(np.isfinite(v) and v > 0 for v in z_scalars.values())
+  assert {"z_usage/true_t0.9", "z_usage/shuffled_t0.9", "z_usage/gain_t0.9"} <= set(z_scalars)
   # Re-evaluated from the checkpoint with another sampler setting, into its own directory.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   p = subprocess.run([sys.executable, "-m", "soda_jax.evaluate",

@@ -28,3 +28,22 @@ def test_z_usage_is_one_at_init_and_sees_a_decoder_that_uses_z():
   for t in ("0.5", "0.9"):
     assert used[f"z_usage/true_t{t}"] != used[f"z_usage/shuffled_t{t}"]
     assert used[f"z_usage/true_t{t}"] != used[f"z_usage/dropped_t{t}"]
+
+
+def test_z_usage_on_posed_multiview_examples():
+  """3-D configs: K posed source views of a held-out object -> a target from another camera."""
+  c = load_config("nvs_synthetic", "variant=tiny")
+  model = ts.build_model(c)
+  state, _, _ = ts.create_state(model, ts.make_optimizer(c), c, sharding.make_mesh(c),
+                                jax.random.PRNGKey(0))
+  batch = z_usage.heldout_pair_batch(c, 4)
+  k, size = c.data.num_source_views, c.data.image_size
+  assert batch["source"].shape == (4, k, size, size, 3)
+  assert batch["source_rays"].shape == (4, k, size, size, 6)
+  assert batch["target_rays"].shape == (4, size, size, 6) and batch["source_mask"].shape == (4, k)
+  assert "target_box" not in batch
+  fn = z_usage.make_z_usage_fn(model, c, batch, ts=(0.9,))
+  init = fn(state.eval_variables())
+  assert init["z_usage/true_t0.9"] == init["z_usage/shuffled_t0.9"] == init["z_usage/dropped_t0.9"]
+  used = fn(ts.model_variables(perturbed(jax.device_get(state.params)), state.batch_stats))
+  assert used["z_usage/true_t0.9"] != used["z_usage/shuffled_t0.9"]

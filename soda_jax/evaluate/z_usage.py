@@ -1,7 +1,8 @@
 """How much the decoder leans on z: denoiser x0-error with the true, shuffled and dropped latent.
 
-On a fixed held-out two-view batch (source, target of the eval split) and fixed noise, at a few
-noise levels t, the decoder's x0 estimate of the target is scored (MSE) three ways:
+On a fixed held-out two-view batch (source, target of the eval split; for 3-D configs K posed
+source views of an unseen object and a target view from another camera) and fixed noise, at a
+few noise levels t, the decoder's x0 estimate of the target is scored (MSE) three ways:
   true      z of each example's own source view
   shuffled  z of another example (rolled by one across the batch): wrong content, right marginals
   dropped   every sub-vector masked (the unconditional model that guidance uses)
@@ -24,13 +25,18 @@ from soda_jax.models import soda
 DEFAULT_TS = (0.5, 0.9)
 
 
+# What the model reads of a batch: 2-D views carry the target crop box, 3-D views the cameras'
+# rays and which of the K source views count.
+BATCH_KEYS = ("source", "target", "target_box", "source_rays", "target_rays", "source_mask")
+
+
 def heldout_pair_batch(config: ml_collections.ConfigDict, num_examples: int,
                        seed: int = 1234) -> Dict[str, np.ndarray]:
-  """num_examples two-view examples from the eval split (source, target, target_box; numpy)."""
+  """num_examples examples from the eval split (source, target and their poses; numpy)."""
   cfg = config_base.override(config, {"data.split": config.data.eval_split,
                                       "batch_size": int(num_examples)})
   batch = next(pipeline.make_train_iterator(cfg, seed=seed, process_index=0, process_count=1))
-  return {k: batch[k] for k in ("source", "target", "target_box")}
+  return {k: batch[k] for k in BATCH_KEYS if k in batch}
 
 
 def make_z_usage_fn(model: soda.SODA, config: ml_collections.ConfigDict,
@@ -47,15 +53,16 @@ def make_z_usage_fn(model: soda.SODA, config: ml_collections.ConfigDict,
   @functools.partial(multihost.compile_then_meet, name="z_usage")
   @jax.jit
   def errors(variables):
-    _, z = model.apply(variables, batch["source"], method=soda.SODA.encode)
+    _, z = model.apply(variables, batch["source"], source_rays=batch.get("source_rays"),
+                       source_mask=batch.get("source_mask"), method=soda.SODA.encode)
     out = {}
     for t_val in ts:
       t = jnp.full((b,), t_val, jnp.float32)
       x_t = diffusion.q_sample(batch["target"], t, noise, d.schedule)
       for way, zz, keep in (("true", z, all_keep), ("shuffled", jnp.roll(z, 1, axis=0), all_keep),
                             ("dropped", z, ~all_keep)):
-        pred = model.apply(variables, x_t, t, zz, keep, batch["target_box"], pose_keep,
-                           method=soda.SODA.denoise)
+        pred = model.apply(variables, x_t, t, zz, keep, batch.get("target_box"), pose_keep,
+                           target_rays=batch.get("target_rays"), method=soda.SODA.denoise)
         x0, _ = diffusion.to_x0_eps(pred, d.pred_type, x_t, t, d.schedule)
         out[f"z_usage/{way}_t{t_val:g}"] = jnp.mean(jnp.square(x0 - batch["target"]))
     return out
