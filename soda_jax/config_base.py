@@ -36,6 +36,9 @@ MODEL_VARIANTS = {
 }
 
 
+# A key added to `model` later must default to the old behaviour, the same in every variant: a
+# checkpoint written before the key existed resumes when the key is at its base_config default
+# (checkpointing.check_compatible).
 def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant not in MODEL_VARIANTS:
     raise ValueError(f"model variant={variant!r} is not one of {tuple(MODEL_VARIANTS)}")

@@ -5,13 +5,16 @@ keeps every core busy on small convolutions that one device's intra-op threads d
 parallelise well. One device per core was the fastest measured on the 2-core machines (demo
 step, batch 64, AMD EPYC: 2 devices 0.44-0.52 s, 4 devices 0.58, 8 devices 0.59-0.65, 1 device
 0.95; docs/benchmarks.md, session 16), so a CPU-only run that has not chosen a count gets one
-device per usable core, as many as divide its batch (at most MAX_DEVICES).
+device per usable core, as many as divide its batch (at most MAX_DEVICES). The count, and so
+the last bits of a run's floats (summation order), follow the machine: pin it with XLA_FLAGS to
+reproduce a run bitwise elsewhere. Several runs started side by side each take every core.
 
 The count must be in XLA_FLAGS before JAX creates its CPU backend: `use_one_device_per_core`
 is called by the CLI entry points before anything asks JAX for devices.
 """
 import importlib.metadata
 import importlib.util
+import math
 import os
 import pkgutil
 from typing import Optional
@@ -27,6 +30,37 @@ def device_count(cores: int, batch_size: int) -> int:
   if cores < 1 or batch_size < 1:
     raise ValueError(f"cores={cores} and batch_size={batch_size} must be >= 1")
   return max(n for n in range(1, min(cores, MAX_DEVICES) + 1) if batch_size % n == 0)
+
+
+def _cgroup_cpu_limit() -> Optional[float]:
+  """CPUs allowed by a container's CPU quota (cgroup v2 cpu.max or v1 cfs), None if unlimited."""
+  for path, split in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                      ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+    try:
+      with open(path) as f:
+        text = f.read().strip()
+      if split is not None:
+        quota, period = split(text)
+      else:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+          quota, period = text, f.read().strip()
+      if quota in ("max", "-1"):
+        return None
+      return int(quota) / int(period)
+    except (OSError, ValueError):
+      continue
+  return None
+
+
+def usable_cores() -> int:
+  """Cores this process may use: its CPU affinity (Linux; else the machine's count), capped by
+  a container's CPU quota."""
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)
+  limit = _cgroup_cpu_limit()
+  if limit is not None:
+    cores = min(cores, max(1, math.ceil(limit)))
+  return cores
 
 
 def _accelerator_plugin() -> Optional[str]:
@@ -52,10 +86,13 @@ def use_one_device_per_core(batch_size: int) -> Optional[int]:
   backends already exist (too late: said in a warning)."""
   if FLAG in os.environ.get("XLA_FLAGS", ""):
     return None
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    return None  # config_checks names the bad value
   platforms = os.environ.get("JAX_PLATFORMS", "")
-  if platforms and platforms.split(",")[0].strip() != "cpu":
+  first = platforms.split(",")[0].strip()
+  if platforms and first != "cpu":
     return None
-  plugin = _accelerator_plugin()
+  plugin = None if first == "cpu" else _accelerator_plugin()  # JAX_PLATFORMS=cpu: CPU it is
   if plugin is not None:
     logging.info("JAX backend %r installed: CPU device count left at its default", plugin)
     return None
@@ -67,7 +104,7 @@ def use_one_device_per_core(batch_size: int) -> Optional[int]:
   if initialized:
     logging.warning("JAX's backends already exist: CPU device count left as it is")
     return None
-  n = device_count(len(os.sched_getaffinity(0)), batch_size)
+  n = device_count(usable_cores(), batch_size)
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}={n}".strip()
   logging.info("CPU-only run: the batch of %d split over %d CPU devices (one per core; set "
                "XLA_FLAGS=%s=N to choose)", batch_size, n, FLAG)

@@ -34,7 +34,7 @@ def _devices_after(env_extra, batch=64):
 
 
 def test_cpu_only_run_gets_one_device_per_core():
-  want = cpu_devices.device_count(len(os.sched_getaffinity(0)), 64)
+  want = cpu_devices.device_count(cpu_devices.usable_cores(), 64)
   n, count, flags = _devices_after({})
   assert (n, count) == (str(want), want), (n, count, flags)
   assert flags == f"{cpu_devices.FLAG}={want}"
@@ -46,7 +46,17 @@ def test_a_chosen_count_is_kept():
 
 
 def test_other_xla_flags_are_kept_beside_the_count():
-  want = cpu_devices.device_count(len(os.sched_getaffinity(0)), 64)
+  want = cpu_devices.device_count(cpu_devices.usable_cores(), 64)
   _, count, flags = _devices_after({"XLA_FLAGS": "--xla_backend_optimization_level=1"})
   assert count == want
   assert flags == f"--xla_backend_optimization_level=1 {cpu_devices.FLAG}={want}"
+
+
+def test_bad_batch_or_explicit_cpu_platform():
+  """A bad batch is left to config_checks (which names it); JAX_PLATFORMS=cpu counts as CPU-only
+  even where an accelerator backend is installed."""
+  n, count, _ = _devices_after({}, batch=0)
+  assert (n, count) == ("None", 1)
+  want = cpu_devices.device_count(cpu_devices.usable_cores(), 64)
+  n, count, _ = _devices_after({"JAX_PLATFORMS": "cpu"})
+  assert (n, count) == (str(want), want)

@@ -32,7 +32,10 @@ BATCH_KEYS = ("source", "target", "target_box", "source_rays", "target_rays", "s
 
 def heldout_pair_batch(config: ml_collections.ConfigDict, num_examples: int,
                        seed: int = 1234) -> Dict[str, np.ndarray]:
-  """num_examples examples from the eval split (source, target and their poses; numpy)."""
+  """num_examples examples from the eval split (source, target and their poses; numpy).
+
+  The stream repeats the split once it is used up: with more examples than eval images
+  (objects, for 3-D) the shuffled z can be an example's own, and `gain` reads low."""
   cfg = config_base.override(config, {"data.split": config.data.eval_split,
                                       "batch_size": int(num_examples)})
   batch = next(pipeline.make_train_iterator(cfg, seed=seed, process_index=0, process_count=1))
