@@ -78,16 +78,24 @@ def _accelerator_plugin() -> Optional[str]:
   return None
 
 
-def use_one_device_per_core(batch_size: int) -> Optional[int]:
+def use_one_device_per_core(config) -> Optional[int]:
   """Set XLA_FLAGS' host device count for a CPU-only single-process run; returns the count set.
 
-  Leaves everything as it is (returns None) when the user chose a count in XLA_FLAGS, when
-  JAX_PLATFORMS names another platform first, when a GPU/TPU backend is installed, or when JAX's
-  backends already exist (too late: said in a warning)."""
+  One device per usable core, a divisor of `config.batch_size`; a mesh fixed in full
+  (`config.mesh.shape` without -1) sets its own size instead. Leaves everything as it is
+  (returns None) when the user chose a count in XLA_FLAGS, when JAX_PLATFORMS names another
+  platform first, when a GPU/TPU backend is installed, when the batch or mesh is invalid (left
+  to config_checks, which names the value), or when JAX's backends already exist (too late:
+  said in a warning)."""
   if FLAG in os.environ.get("XLA_FLAGS", ""):
     return None
+  batch_size = config.batch_size
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-    return None  # config_checks names the bad value
+    return None
+  mesh = tuple(config.mesh.shape) if "mesh" in config else (-1,)
+  if not all(isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1)
+             for d in mesh):
+    return None
   platforms = os.environ.get("JAX_PLATFORMS", "")
   first = platforms.split(",")[0].strip()
   if platforms and first != "cpu":
@@ -104,7 +112,7 @@ def use_one_device_per_core(batch_size: int) -> Optional[int]:
   if initialized:
     logging.warning("JAX's backends already exist: CPU device count left as it is")
     return None
-  n = device_count(usable_cores(), batch_size)
+  n = math.prod(mesh) if -1 not in mesh else device_count(usable_cores(), batch_size)
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}={n}".strip()
   logging.info("CPU-only run: the batch of %d split over %d CPU devices (one per core; set "
                "XLA_FLAGS=%s=N to choose)", batch_size, n, FLAG)

@@ -90,7 +90,10 @@ def test_non_finite_numbers_are_rejected(key, value):
 
 def test_main_prints_config_errors_without_traceback(tmp_path):
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
+  # No device count in XLA_FLAGS: main picks one per core before JAX starts (cpu_devices).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_backend_optimization_level=1")
   p = subprocess.run([sys.executable, "-m", "soda_jax.main", "--config=configs/tiny.py",
                       f"--workdir={tmp_path}", "--config.optim.lr=nan",
                       "--config.optim.grad_clip=inf"],
@@ -100,3 +103,6 @@ def test_main_prints_config_errors_without_traceback(tmp_path):
   assert "Error: Invalid config:" in p.stderr
   assert "config.optim.lr=nan is not finite" in p.stderr
   assert "config.optim.grad_clip=inf is not finite" in p.stderr
+  n = cpu_devices.device_count(cpu_devices.usable_cores(), 16)  # tiny.py's batch
+  assert f"the batch of 16 split over {n} CPU devices" in p.stderr
+  assert f"JAX process 0/1, {n} local devices" in p.stderr

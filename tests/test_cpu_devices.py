@@ -21,11 +21,12 @@ def test_device_count_rejects_nonsense():
     cpu_devices.device_count(0, 64)
 
 
-def _devices_after(env_extra, batch=64):
+def _devices_after(env_extra, batch=64, mesh=(-1, 1)):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(env_extra, PYTHONPATH=ROOT)
-  code = ("import os, jax; from soda_jax import cpu_devices; "
-          f"n = cpu_devices.use_one_device_per_core({batch}); "
+  code = ("import os, jax, ml_collections; from soda_jax import cpu_devices; "
+          f"c = ml_collections.ConfigDict(dict(batch_size={batch}, mesh=dict(shape={mesh}))); "
+          "n = cpu_devices.use_one_device_per_core(c); "
           "print(n, jax.device_count(), os.environ.get('XLA_FLAGS', ''))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120, check=True)
@@ -60,3 +61,10 @@ def test_bad_batch_or_explicit_cpu_platform():
   want = cpu_devices.device_count(cpu_devices.usable_cores(), 64)
   n, count, _ = _devices_after({"JAX_PLATFORMS": "cpu"})
   assert (n, count) == (str(want), want)
+
+
+def test_a_mesh_fixed_in_full_sets_the_count():
+  n, count, _ = _devices_after({}, mesh=(2, 3), batch=12)
+  assert (n, count) == ("6", 6)
+  n, count, _ = _devices_after({}, mesh=(0, 2))  # invalid: left to config_checks
+  assert (n, count) == ("None", 1)
