@@ -55,9 +55,7 @@ def model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # z still has no effect at init: each res block's zero-initialised conv_1 comes after it.
   m.latent_init = "lecun"
   m.latent_act = "none"  # on z before the projections: 'none' | 'silu'
-  # pose_injection: 'input' (the pose map concatenated to x_t) | 'every_level' (also added at
-  # every level of the UNet, models/unet.py).
-  dec = dict(num_heads=0, remat=False, pose_injection="input")
+  dec = dict(num_heads=0, remat=False)
   dec.update(v["decoder"])
   m.decoder = ml_collections.ConfigDict(dec)
   m.decoder.channel_mult = tuple(m.decoder.channel_mult)

@@ -45,7 +45,7 @@ def _in_range(errs, key, value, lo, hi, hi_open=False):
 
 def model_errors(model: ml_collections.ConfigDict, image_size: Optional[int] = None) -> List[str]:
   """Problems with `config.model` (and its fit to `image_size`, if given)."""
-  from soda_jax.models import soda, unet  # pylint: disable=g-import-not-at-top
+  from soda_jax.models import soda  # pylint: disable=g-import-not-at-top
   errs = []
   enc, dec = model.encoder, model.decoder
   _one_of(errs, "model.encoder.depth", enc.depth, ENCODER_DEPTHS)
@@ -64,10 +64,6 @@ def model_errors(model: ml_collections.ConfigDict, image_size: Optional[int] = N
   _one_of(errs, "model.pose", model.pose, soda.POSES)
   _one_of(errs, "model.latent_init", model.latent_init, soda.LATENT_INITS)
   _one_of(errs, "model.latent_act", model.latent_act, soda.LATENT_ACTS)
-  _one_of(errs, "model.decoder.pose_injection", dec.pose_injection, unet.POSE_INJECTIONS)
-  if dec.pose_injection != "input" and model.pose == "none":
-    errs.append(f"config.model.decoder.pose_injection={dec.pose_injection!r} needs a pose "
-                "(config.model.pose='box' or 'rays'), not model.pose='none'")
 
   mult = tuple(dec.channel_mult)
   if not mult or not all(isinstance(m, int) and m > 0 for m in mult):

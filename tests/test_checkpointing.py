@@ -138,17 +138,17 @@ def test_checkpoint_from_before_a_key_existed_resumes_at_its_default(trained, tm
   shutil.copytree(trained, workdir)
   meta = workdir / "checkpoints" / str(NEW) / "config" / "metadata"
   saved = json.loads(meta.read_text())
-  assert saved["model"]["decoder"].pop("pose_injection") == "input"
+  # As if written before model.latent_act existed (its default 'none' is the old behaviour).
+  assert saved["model"].pop("latent_act") == "none"
   meta.write_text(json.dumps(saved))
   ckpt = checkpointing.Checkpointer(str(workdir), async_save=False)
   config = _tiny()
   ckpt.check_compatible(NEW, _abstract(config), config)  # no error
-  other = _tiny(**{"model.pose": "box", "model.decoder.pose_injection": "every_level"})
+  other = _tiny(**{"model.latent_act": "silu"})
   with pytest.raises(checkpointing.ConfigMismatchError) as e:
     ckpt.check_compatible(NEW, _abstract(other), other)
   ckpt.close()
-  assert "config.model.decoder.pose_injection: checkpoint has '<absent>', this run has " \
-         "'every_level'" in str(e.value)
+  assert "config.model.latent_act: checkpoint has '<absent>', this run has 'silu'" in str(e.value)
 
 
 def _run(module, *flags):

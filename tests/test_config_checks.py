@@ -37,8 +37,6 @@ def test_shipped_configs_are_valid(name, arg):
     ("model.decoder.channel_mult", (), "config.model.decoder.channel_mult=()"),
     ("diffusion.clip_x0", -1.0, "config.diffusion.clip_x0=-1.0 must be a number > 0 or None"),
     ("diffusion.t_power", 0.0, "config.diffusion.t_power=0.0 must be a number > 0"),
-    ("model.decoder.pose_injection", "film", "config.model.decoder.pose_injection='film' is not one of"),
-    ("model.decoder.pose_injection", "every_level", "pose_injection='every_level' needs a pose"),
 ])
 def test_bad_model_config_names_key_and_value(key, value, message):
   c = config_base.override(load_config("tiny"), {key: value})

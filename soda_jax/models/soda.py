@@ -157,8 +157,7 @@ def _build_2d_model(model: ml_collections.ConfigDict, *, image_channels: int,
       channel_mult=tuple(dec.channel_mult), num_res_blocks=dec.num_res_blocks,
       attention_resolutions=tuple(dec.attention_resolutions), num_heads=dec.num_heads,
       head_dim=dec.head_dim, dropout=dec.dropout, num_groups=dec.num_groups, dtype=dtype,
-      remat=dec.get("remat", False), latent_init=model.latent_init,
-      pose_injection=dec.get("pose_injection", "input"))
+      remat=dec.get("remat", False), latent_init=model.latent_init)
   return SODA(encoder=encoder, decoder=decoder, latent_dim=model.latent_dim,
               modulation=model.modulation, pose=model.pose, latent_act=model.latent_act)
 

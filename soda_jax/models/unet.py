@@ -10,7 +10,6 @@ from soda_jax.models import layers
 Dtype = Any
 # One (z_sub (B, d) or None, keep (B,) bool) per modulation group: levels 0..L-1, then the middle.
 Modulation = Tuple[Optional[jax.Array], jax.Array]
-POSE_INJECTIONS = ("input", "every_level")
 
 
 def level_sizes(height: int, num_levels: int) -> Tuple[int, ...]:
@@ -40,11 +39,6 @@ class UNet(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   latent_init: str = "lecun"
-  # Where the pose map enters: 'input' (concatenated to x_t only) or 'every_level' (also added,
-  # average-pooled to each level's size and through a zero-initialised 1x1 conv, at the start of
-  # every down level, the middle and every up level), so deep low-resolution blocks see the
-  # target camera directly instead of through the first conv's features.
-  pose_injection: str = "input"
 
   @nn.compact
   def __call__(self, x, t, mods: Sequence[Modulation], pose_map=None, *, train: bool):
@@ -57,31 +51,14 @@ class UNet(nn.Module):
                    dtype=self.dtype)
     sizes = level_sizes(x.shape[1], num_levels)
 
-    if self.pose_injection not in POSE_INJECTIONS:
-      raise ValueError(f"pose_injection={self.pose_injection!r} is not one of {POSE_INJECTIONS}")
     t_emb = layers.TimeEmbed(4 * self.base_channels, dtype=self.dtype, name="time_embed")(t)
-    pose_maps = None  # per level: the pose map pooled to that level's size
     if pose_map is not None:
       x = jnp.concatenate([x, pose_map.astype(x.dtype)], axis=-1)
-      if self.pose_injection == "every_level":
-        pose_maps = [pose_map.astype(jnp.float32)]
-        for _ in range(num_levels - 1):
-          pose_maps.append(nn.avg_pool(pose_maps[-1], (2, 2), strides=(2, 2), padding="SAME",
-                                       count_include_pad=False))
-
-    def add_pose(h, level, name):
-      if pose_maps is None:
-        return h
-      p = layers.conv(h.shape[-1], kernel=1, zero_init=True, dtype=self.dtype, name=name)(
-          pose_maps[level].astype(self.dtype))
-      return h + p
-
     h = layers.conv(self.base_channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
 
     skips = [h]
     for i, mult in enumerate(self.channel_mult):
       z_sub, keep = mods[i]
-      h = add_pose(h, i, f"down_{i}_pose")
       for j in range(self.num_res_blocks):
         h = block_cls(mult * self.base_channels, name=f"down_{i}_res_{j}", **kw)(
             h, t_emb, z_sub, keep, train)
@@ -94,14 +71,12 @@ class UNet(nn.Module):
         skips.append(h)
 
     z_sub, keep = mods[num_levels]
-    h = add_pose(h, num_levels - 1, "mid_pose")
     h = block_cls(h.shape[-1], name="mid_res_0", **kw)(h, t_emb, z_sub, keep, train)
     h = layers.AttnBlock(name="mid_attn", **attn_kw)(h)
     h = block_cls(h.shape[-1], name="mid_res_1", **kw)(h, t_emb, z_sub, keep, train)
 
     for i in reversed(range(num_levels)):
       z_sub, keep = mods[i]
-      h = add_pose(h, i, f"up_{i}_pose")
       for j in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = block_cls(self.channel_mult[i] * self.base_channels, name=f"up_{i}_res_{j}", **kw)(

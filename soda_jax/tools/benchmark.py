@@ -444,7 +444,7 @@ def _encoder_flops(enc, n: int, channels: int, exact: bool):
 def _decoder_flops(config, exact: bool):
   """UNet forward (per example): (flops, flops of layers whose input is data). Follows
   models/unet.py: res blocks (conv, time/latent projections, conv, 1x1 skip), attention,
-  strided-conv downsampling, nearest + conv upsampling, the per-level pose convs."""
+  strided-conv downsampling, nearest + conv upsampling."""
   m, dec = config.model, config.model.decoder
   conv = functools.partial(conv_flops, exact_padding=exact)
   base, mult = dec.base_channels, tuple(dec.channel_mult)
@@ -466,18 +466,9 @@ def _decoder_flops(config, exact: bool):
   time_dense0 = 2 * base * temb  # its input is a fixed sinusoid of t: no input gradient
   pose_ch = soda.pose_channels(m.pose, m.get("ray_freqs", soda.DEFAULT_RAY_FREQS))
   conv_in = conv(sizes[0], config.data.channels + pose_ch, base)
-  every_level = pose_ch and dec.get("pose_injection", "input") == "every_level"
-  pose_data = [0]  # the per-level pose convs (1x1): their input is data, like conv_in's
-
-  def pose(n, c):
-    f = conv(n, pose_ch, c, 1) if every_level else 0
-    pose_data[0] += f
-    return f
-
   total = time_dense0 + 2 * temb * temb + conv_in
   skips, c = [base], base
   for i, mu in enumerate(mult):
-    total += pose(sizes[i], c)
     for _ in range(dec.num_res_blocks):
       total += res(sizes[i], c, mu * base, zdims[i])
       c = mu * base
@@ -487,9 +478,8 @@ def _decoder_flops(config, exact: bool):
     if i < levels - 1:
       total += conv(sizes[i], c, c, 3, 2)
       skips.append(c)
-  total += pose(sizes[-1], c) + 2 * res(sizes[-1], c, c, zdims[levels]) + attn(sizes[-1], c)
+  total += 2 * res(sizes[-1], c, c, zdims[levels]) + attn(sizes[-1], c)
   for i in reversed(range(levels)):
-    total += pose(sizes[i], c)
     for _ in range(dec.num_res_blocks + 1):
       cin = c + skips.pop()
       total += res(sizes[i], cin, mult[i] * base, zdims[i])
@@ -499,7 +489,7 @@ def _decoder_flops(config, exact: bool):
     if i > 0:
       total += conv(sizes[i - 1], c, c)
   total += conv(sizes[0], base, config.data.channels)
-  return total, time_dense0 + conv_in + pose_data[0]
+  return total, time_dense0 + conv_in
 
 
 def hand_count_flops(config: ml_collections.ConfigDict, *,
