@@ -81,6 +81,13 @@ def test_train_step_flops_match_the_hand_count(tiny_all):
     assert 1.0 <= ratio < 1.10, (mode, ratio)
 
 
+def test_multiview_config_is_refused_before_compiling():
+  """3-D configs need rays and K source views, which the synthetic batch does not have: a clear
+  error naming the config, not a trace-time ValueError from inside the model."""
+  with pytest.raises(ValueError, match="config.model.pose='rays'.*only\n?.*--mode=data"):
+    benchmark.run_benchmark(load_config("nvs_synthetic", "variant=tiny"), "train", steps=1)
+
+
 @pytest.mark.parametrize("n,k,s", [(16, 3, 1), (4, 3, 1), (16, 3, 2), (7, 3, 2), (8, 1, 1)])
 def test_conv_flop_convention_is_xlas(n, k, s):
   """One conv: XLA counts 2 FLOPs per multiply-add over taps inside the image only."""

@@ -305,6 +305,11 @@ def run_benchmark(config: ml_collections.ConfigDict, mode: str = "train", steps:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
   devices = list(jax.devices() if devices is None else devices)
   config_checks.check(config)  # model + diffusion; data is synthetic except in 'data' mode
+  if config.model.pose == "rays" and any(m != "data" for m in modes):
+    raise ValueError(f"config.model.pose='rays' (the multi-view dataset "
+                     f"config.data.name={config.data.name!r}): the synthetic batches of modes "
+                     "train/encode/sample are 2-D (no camera rays, no K source views); only "
+                     "--mode=data is supported for 3-D configs")
   if config.batch_size % len(devices):
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{len(devices)} devices")
