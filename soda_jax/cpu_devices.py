@@ -32,24 +32,25 @@ def device_count(cores: int, batch_size: int) -> int:
   return max(n for n in range(1, min(cores, MAX_DEVICES) + 1) if batch_size % n == 0)
 
 
+def _read(path: str) -> str:
+  with open(path) as f:
+    return f.read().strip()
+
+
 def _cgroup_cpu_limit() -> Optional[float]:
   """CPUs allowed by a container's CPU quota (cgroup v2 cpu.max or v1 cfs), None if unlimited."""
-  for path, split in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
-                      ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+  try:
+    quota, period = _read("/sys/fs/cgroup/cpu.max").split()  # v2: "max 100000" | "200000 100000"
+  except (OSError, ValueError):
     try:
-      with open(path) as f:
-        text = f.read().strip()
-      if split is not None:
-        quota, period = split(text)
-      else:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-          quota, period = text, f.read().strip()
-      if quota in ("max", "-1"):
-        return None
-      return int(quota) / int(period)
-    except (OSError, ValueError):
-      continue
-  return None
+      quota = _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")  # v1: -1 = unlimited
+      period = _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    except OSError:
+      return None
+  try:
+    return None if quota in ("max", "-1") else int(quota) / int(period)
+  except ValueError:
+    return None
 
 
 def usable_cores() -> int:

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from soda_jax import cpu_devices
@@ -53,14 +54,25 @@ def test_other_xla_flags_are_kept_beside_the_count():
   assert flags == f"--xla_backend_optimization_level=1 {cpu_devices.FLAG}={want}"
 
 
-def test_bad_batch_or_explicit_cpu_platform():
-  """A bad batch is left to config_checks (which names it); JAX_PLATFORMS=cpu counts as CPU-only
-  even where an accelerator backend is installed."""
+def test_bad_batch_is_left_to_config_checks():
   n, count, _ = _devices_after({}, batch=0)
   assert (n, count) == ("None", 1)
+
+
+@pytest.mark.parametrize("platforms,want_set", [("", False), ("cpu", True), ("cuda", False)])
+def test_installed_accelerator_backend(monkeypatch, platforms, want_set):
+  """With a GPU/TPU backend installed the count is left alone, unless JAX_PLATFORMS=cpu asks for
+  the CPU. (In this process JAX already runs: its backend check is stubbed, XLA_FLAGS restored.)"""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+  monkeypatch.setattr(cpu_devices, "_accelerator_plugin", lambda: "cuda12")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  c = ml_collections.ConfigDict(dict(batch_size=64, mesh=dict(shape=(-1, 1))))
+  n = cpu_devices.use_one_device_per_core(c)
   want = cpu_devices.device_count(cpu_devices.usable_cores(), 64)
-  n, count, _ = _devices_after({"JAX_PLATFORMS": "cpu"})
-  assert (n, count) == (str(want), want)
+  assert n == (want if want_set else None)
+  assert os.environ["XLA_FLAGS"] == (f"{cpu_devices.FLAG}={want}" if want_set else "")
 
 
 def test_a_mesh_fixed_in_full_sets_the_count():
