@@ -16,16 +16,18 @@ def test_z_usage_is_one_at_init_and_sees_a_decoder_that_uses_z():
   batch = z_usage.heldout_pair_batch(c, 8)
   assert batch["source"].shape == (8, 16, 16, 1) and batch["target_box"].shape == (8, 4)
   np.testing.assert_array_equal(batch["source"], z_usage.heldout_pair_batch(c, 8)["source"])
-  fn = z_usage.make_z_usage_fn(model, c, batch, ts=(0.5, 0.9))
+  fn = z_usage.make_z_usage_fn(model, c, batch)  # DEFAULT_TS: 0.5, 0.9 and 1 (x_t = noise)
   # Zero-initialised latent projections: the decoder cannot see z, all three ways agree exactly.
   init = fn(state.eval_variables())
-  for t in ("0.5", "0.9"):
+  assert {k for k in init if k.startswith("z_usage/gain")} == {
+      "z_usage/gain_t0.5", "z_usage/gain_t0.9", "z_usage/gain_t1"}
+  for t in ("0.5", "0.9", "1"):
     assert init[f"z_usage/true_t{t}"] == init[f"z_usage/shuffled_t{t}"] == \
         init[f"z_usage/dropped_t{t}"] > 0
     assert init[f"z_usage/gain_t{t}"] == 1.0
   # Random (non-zero) latent projections: the error depends on which z is given.
   used = fn({"params": perturbed(jax.device_get(state.params))})
-  for t in ("0.5", "0.9"):
+  for t in ("0.5", "0.9", "1"):
     assert used[f"z_usage/true_t{t}"] != used[f"z_usage/shuffled_t{t}"]
     assert used[f"z_usage/true_t{t}"] != used[f"z_usage/dropped_t{t}"]
 

@@ -9,6 +9,10 @@ few noise levels t, the decoder's x0 estimate of the target is scored (MSE) thre
 If z carries what the target needs, true < dropped < shuffled, and the gap grows with t (at high
 noise the target is hidden and only z can say what it was). `gain` = shuffled / true: 1 means the
 decoder ignores z. Logged during training, it shows *when* the encoder starts to matter.
+t = 1 is in the default set because x_t is then noise alone (alpha_bar clipped to 1e-5): the x0
+estimate is the decoder's E[target | z, pose], where the DDIM sampler's first step starts. Small
+objects on a plain background (the 3-D views) stay visible in x_t up to t ~ 0.999, so at t = 0.9
+the decoder can score well without z.
 """
 import functools
 from typing import Callable, Dict, Sequence
@@ -22,7 +26,7 @@ from soda_jax import config_base, diffusion, multihost
 from soda_jax.data import pipeline
 from soda_jax.models import soda
 
-DEFAULT_TS = (0.5, 0.9)
+DEFAULT_TS = (0.5, 0.9, 1.0)
 
 
 # What the model reads of a batch: 2-D views carry the target crop box, 3-D views the cameras'
