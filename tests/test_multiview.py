@@ -105,27 +105,6 @@ def test_example_shapes_ranges_rays_and_determinism():
   np.testing.assert_array_equal(ex["source_mask"], [True, True, True])  # K fixed: all count
 
 
-def test_source_frame_rays_are_the_world_rays_turned_into_the_first_source_camera():
-  src = mv.SyntheticMultiView(num_objects=3, image_size=8, supersample=1)
-  firsts = []
-  for i in range(3):
-    world = mv.sample_example(src, i, np.random.default_rng(i), num_source_views=2)
-    ex = mv.sample_example(src, i, np.random.default_rng(i), num_source_views=2,
-                           ray_frame="source")
-    for key in ("source", "target", "source_views", "target_view", "source_mask"):
-      np.testing.assert_array_equal(ex[key], world[key])  # only the rays change
-    r = src.cameras(i)[0][int(ex["source_views"][0])][:3, :3]
-    for key in ("source_rays", "target_rays"):
-      for part in (slice(0, 3), slice(3, 6)):  # direction and moment both turn by R
-        np.testing.assert_allclose(ex[key][..., part], world[key][..., part] @ r.T, atol=1e-5)
-    firsts.append(ex["source_rays"][0])
-  # Ring cameras at one distance: the first source view's rays no longer say where it stands.
-  np.testing.assert_allclose(firsts[0], firsts[1], atol=1e-5)
-  np.testing.assert_allclose(firsts[0], firsts[2], atol=1e-5)
-  with pytest.raises(ValueError, match="ray_frame='camera' is not one of"):
-    mv.sample_example(src, 0, np.random.default_rng(0), 2, ray_frame="camera")
-
-
 def test_min_source_views_draws_k_and_masks_a_prefix():
   """k ~ U{min..K}: every k occurs, the first k views count; the views themselves are the
   fixed-K draw's (the same rng stream up to k), so K fixed keeps old streams unchanged."""

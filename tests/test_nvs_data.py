@@ -84,8 +84,6 @@ def _nvs_tiny():
     ({"evals.probe_every_steps": 0}, "config.evals.probe_every_steps=0 must be -1"),
     ({"evals.nvs_source_views": (1, 9)}, "config.evals.nvs_source_views=(1, 9) must be"),
     ({"model.ray_freqs": -1}, "config.model.ray_freqs=-1 must be an int in [0, 16]"),
-    ({"data.ray_frame": "object"},
-     "config.data.ray_frame='object' is not one of ('world', 'source')"),
 ])
 def test_bad_multiview_config_names_key_and_value(overrides, message):
   c = config_base.override(_nvs_tiny(), overrides)

@@ -162,20 +162,6 @@ def test_turntable_cameras_circle_one_ring():
   assert nvs.turntable_views(OneRing(), 0, 4).tolist() == [0, 6, 12, 18]
 
 
-@pytest.mark.parametrize("frame", ["world", "source"])
-def test_turntable_rays_are_written_in_the_examples_frame(frame):
-  """A turntable camera that is an example's own target camera gets the example's target
-  rays, and its first source camera the example's first source rays, in either frame."""
-  src = multiview.SyntheticMultiView("test", num_objects=4, image_size=8, supersample=1)
-  ex = nvs.heldout_examples(src, 4, 2, seed=0, ray_frame=frame)
-  for row, i in enumerate(ex["index"].tolist()):
-    first = int(ex["source_views"][row, 0])
-    cams = [int(ex["target_view"][row]), first]
-    rays = nvs.camera_rays(src, i, cams, first, frame)
-    np.testing.assert_array_equal(rays[0], ex["target_rays"][row])
-    np.testing.assert_array_equal(rays[1], ex["source_rays"][row, 0])
-
-
 def test_sample_views_in_chunks_over_the_mesh(monkeypatch):
   """Examples are sampled CHUNK at a time, each chunk split over the devices (padded to a
   multiple of them) and gathered to host numpy: 12 examples with CHUNK = 8 on 8 devices are

@@ -30,9 +30,6 @@ from typing import Sequence, Tuple
 import numpy as np
 
 RAY_KINDS = ("plucker", "origin_direction")
-# The frame the rays are written in: the dataset's world frame, or that frame turned so the first
-# source camera's axes are its axes (origin kept: `rotate_into_camera`).
-RAY_FRAMES = ("world", "source")
 RAY_CHANNELS = 6  # per pixel: Plucker (d, o x d) or (o, d), before any Fourier embedding
 WORLD_UP = (0.0, 1.0, 0.0)
 
@@ -78,21 +75,6 @@ def invert_rigid(m: np.ndarray) -> np.ndarray:
   out[..., :3, 3] = -np.einsum("...ij,...j->...i", r_t, m[..., :3, 3])
   out[..., 3, 3] = 1.0
   return out
-
-
-def rotate_into_camera(w2c: np.ndarray, ref_w2c: np.ndarray) -> np.ndarray:
-  """Cameras w2c (..., 4, 4) re-expressed in the world frame turned by the rotation of camera
-  `ref_w2c` (4, 4): new world coordinates x' = R_ref x, so the reference camera looks along +z
-  with y down, and the origin (where datasets centre their objects) stays put, so a Plucker
-  moment's length is still the ray's distance from the object's centre.
-
-  Why: in the data's own frame the encoder must work out from the source rays where its camera
-  is, and describe the object in world coordinates for the decoder; in the source camera's
-  frame it describes what it sees, and the target rays say where the new camera stands
-  relative to it (the view-space choice of pixelNeRF)."""
-  rot = np.eye(4)
-  rot[:3, :3] = np.asarray(ref_w2c, np.float64)[:3, :3]
-  return np.asarray(w2c, np.float64) @ invert_rigid(rot)  # x_cam = w2c (R_ref^T x')
 
 
 def camera_centers(w2c: np.ndarray) -> np.ndarray:

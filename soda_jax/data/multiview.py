@@ -327,8 +327,8 @@ class SyntheticMultiView:
 
 
 def sample_example(src: Any, index: int, rng: np.random.Generator, num_source_views: int = 1,
-                   ray_kind: str = "plucker", min_source_views: Optional[int] = None,
-                   ray_frame: str = "world") -> Dict[str, np.ndarray]:
+                   ray_kind: str = "plucker",
+                   min_source_views: Optional[int] = None) -> Dict[str, np.ndarray]:
   """K source views and one different target view of object `index`, drawn with `rng`.
 
   Returns numpy arrays (S = src.image_size, K = num_source_views):
@@ -338,12 +338,8 @@ def sample_example(src: Any, index: int, rng: np.random.Generator, num_source_vi
     source_mask (K,) bool: the first k views count, k ~ U{min_source_views..K} (all K when
       min_source_views is None or K). K views are always read, so batches keep one shape; the
       model averages the latents of the counted views only (`SODA.encode`).
-  Rays are `cameras.ray_map(kind=ray_kind)`: Plucker (d, o x d) by default, or (o, d), in the
-  dataset's world frame (ray_frame='world') or in that frame turned into the first source
-  camera's axes ('source', `cameras.rotate_into_camera`). The images do not depend on it.
+  Rays are `cameras.ray_map(kind=ray_kind)`: Plucker (d, o x d) by default, or (o, d).
   """
-  if ray_frame not in cameras.RAY_FRAMES:
-    raise ValueError(f"ray_frame={ray_frame!r} is not one of {cameras.RAY_FRAMES}")
   v = src.num_views(index)
   if not 1 <= num_source_views < v:
     raise ValueError(f"num_source_views={num_source_views} needs 1 <= K < {v} views "
@@ -358,10 +354,7 @@ def sample_example(src: Any, index: int, rng: np.random.Generator, num_source_vi
   imgs = views.to_unit_range(src.images(index, chosen))  # (K + 1, S, S, 3)
   w2c, intr = src.cameras(index)
   s = src.image_size
-  w2c = w2c[chosen]
-  if ray_frame == "source":
-    w2c = cameras.rotate_into_camera(w2c, w2c[0])
-  rays = cameras.ray_map(w2c, intr[chosen], s, s, ray_kind)  # (K + 1, S, S, 6)
+  rays = cameras.ray_map(w2c[chosen], intr[chosen], s, s, ray_kind)  # (K + 1, S, S, 6)
   return dict(source=imgs[:-1], source_rays=rays[:-1], target=imgs[-1], target_rays=rays[-1],
               source_views=chosen[:-1].astype(np.int32), target_view=np.int32(chosen[-1]),
               index=np.int32(index), source_mask=np.arange(num_source_views) < k)
@@ -374,8 +367,7 @@ class NovelViewTransform:
   num_source_views: int = 1
   ray_kind: str = "plucker"
   min_source_views: Optional[int] = None
-  ray_frame: str = "world"
 
   def __call__(self, index: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:
     return sample_example(self.src, int(index), rng, self.num_source_views, self.ray_kind,
-                          self.min_source_views, self.ray_frame)
+                          self.min_source_views)

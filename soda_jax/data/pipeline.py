@@ -68,9 +68,6 @@ def default_data_config() -> ml_collections.ConfigDict:
       # Training draws k ~ U{min_source_views..num_source_views} views per example (K views
       # are read, the first k averaged), so one model serves NVS from 1 view and from several.
       min_source_views=1,
-      # The frame of the ray maps (cameras.RAY_FRAMES): 'world' (the dataset's), or 'source'
-      # (turned into the first source camera's axes, origin kept; cameras.rotate_into_camera).
-      ray_frame="world",
   ))
 
 
@@ -104,13 +101,11 @@ class MultiViewTransform(grain.transforms.RandomMap):
   src: Any
   num_source_views: int
   min_source_views: Optional[int] = None
-  ray_frame: str = "world"
 
   def random_map(self, element: int, rng: np.random.Generator) -> Dict[str, Any]:
     try:
       out = multiview.sample_example(self.src, int(element), rng, self.num_source_views,
-                                     min_source_views=self.min_source_views,
-                                     ray_frame=self.ray_frame)
+                                     min_source_views=self.min_source_views)
     except (OSError, ValueError, KeyError) as e:  # missing/corrupt files, too few views
       logging.warning("Multi-view object %d of %r unreadable: %s", int(element), self.src, e)
       return {"valid": False, "index": np.int32(element)}
@@ -220,7 +215,7 @@ def _multiview_train_dataset(data, src, seed, process_index, process_count, per_
   """
   ds = grain.MapDataset.range(len(src)).seed(int(seed)).shuffle().repeat()
   ds = ds.random_map(MultiViewTransform(src, int(data.num_source_views),
-                                        int(data.min_source_views), str(data.ray_frame)))
+                                        int(data.min_source_views)))
   ds = ds[process_index::process_count]
   threads = data.num_threads if data.num_threads >= 0 else (
       0 if data.name == "synthetic_multiview" else 16)

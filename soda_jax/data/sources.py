@@ -16,8 +16,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import ml_collections
 import numpy as np
 
-from soda_jax.data import cameras
-
 DEFAULT_IDX_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Posed multi-view objects for 3-D novel view synthesis (data/multiview.py, multiview_readers.py):
@@ -372,8 +370,6 @@ def multiview_errors(data: ml_collections.ConfigDict) -> List[str]:
   if isinstance(lo, bool) or not isinstance(lo, int) or not 1 <= lo <= top:
     errs.append(f"config.data.min_source_views={lo!r} must be an int in [1, "
                 f"num_source_views={k!r}]")
-  if data.ray_frame not in cameras.RAY_FRAMES:
-    errs.append(f"config.data.ray_frame={data.ray_frame!r} is not one of {cameras.RAY_FRAMES}")
   return errs
 
 

@@ -46,13 +46,13 @@ def heldout_objects(num_objects: int, total: int) -> np.ndarray:
 
 
 def heldout_examples(src: Any, num_objects: int, num_source_views: int,
-                     seed: int, ray_frame: str = "world") -> Dict[str, np.ndarray]:
+                     seed: int) -> Dict[str, np.ndarray]:
   """`multiview.sample_example` of `heldout_objects`, object i drawn with rng (seed, i),
-  stacked, plus camera centres (world frame): source_centres (N, K, 3), target_centre (N, 3)."""
+  stacked, plus camera centres: source_centres (N, K, 3), target_centre (N, 3)."""
   out = []
   for i in heldout_objects(num_objects, len(src)).tolist():
     ex = multiview.sample_example(src, i, np.random.default_rng([int(seed), i]),
-                                  num_source_views, ray_frame=ray_frame)
+                                  num_source_views)
     centres = cameras.camera_centers(src.cameras(i)[0])
     ex["source_centres"] = centres[ex["source_views"]].astype(np.float32)
     ex["target_centre"] = centres[ex["target_view"]].astype(np.float32)
@@ -139,30 +139,21 @@ def turntable_views(src: Any, index: int, num_cameras: int) -> np.ndarray:
   return (np.arange(int(num_cameras)) * ring) // int(num_cameras)
 
 
-def camera_rays(src, index: int, cams, first_source_view: int, ray_frame: str) -> np.ndarray:
-  """Ray maps (len(cams), S, S, 6) of object `index`'s cameras `cams`, in the frame that
-  `multiview.sample_example` writes an example's rays in when its first source view is
-  `first_source_view`."""
-  w2c, k = src.cameras(index)
-  targets = w2c[cams]
-  if ray_frame == "source":
-    targets = cameras.rotate_into_camera(targets, w2c[first_source_view])
-  return cameras.ray_map(targets, k[cams], src.image_size, src.image_size)
-
-
 def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects: int,
-                   num_cameras: int, rng: jax.Array, dcfg, mesh: jax.sharding.Mesh,
-                   ray_frame: str = "world") -> Optional[np.ndarray]:
+                   num_cameras: int, rng: jax.Array, dcfg,
+                   mesh: jax.sharding.Mesh) -> Optional[np.ndarray]:
   """uint8 grid, a row per object: its K source views | (true view, sample) at num_cameras
-  target cameras around it (`turntable_views`); rays in `ray_frame`, as `ex`'s."""
+  target cameras around it (`turntable_views`)."""
   g = min(int(num_objects), len(ex["index"]))
   if g == 0 or num_cameras == 0:
     return None
+  size = src.image_size
   trues, rays = [], []
-  for row, i in enumerate(ex["index"][:g]):
+  for i in ex["index"][:g]:
+    w2c, k = src.cameras(int(i))
     cams = turntable_views(src, int(i), num_cameras)
     trues.append(views.to_unit_range(src.images(int(i), cams)))
-    rays.append(camera_rays(src, int(i), cams, int(ex["source_views"][row, 0]), ray_frame))
+    rays.append(cameras.ray_map(w2c[cams], k[cams], size, size))
   trues, rays = np.stack(trues), np.stack(rays)  # (G, T, S, S, 3 | 6)
   rep = lambda a: np.repeat(a[:g], num_cameras, axis=0)  # (G * T, ...) object-major
   samples = sample_views(model, variables, rep(ex["source"]), rep(ex["source_rays"]),
@@ -195,8 +186,7 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
   ev, dcfg = config.evals, config.diffusion
   ks: Sequence[int] = sorted(set(int(k) for k in ev.nvs_source_views))
   src = sources.get_source(config.data, config.data.eval_split)
-  frame = str(config.data.ray_frame)
-  ex = heldout_examples(src, ev.nvs_objects, max(ks), seed=config.seed, ray_frame=frame)
+  ex = heldout_examples(src, ev.nvs_objects, max(ks), seed=config.seed)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x4E5653)  # 'NVS'
   if mesh is None:
     mesh = sharding.make_mesh(config)
@@ -216,7 +206,7 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
              sample_steps=int(dcfg.sample_steps), w_z=float(dcfg.w_z), w_p=float(dcfg.w_p),
              source_views=list(ks), results=results)
   grid = turntable_grid(model, variables, src, ex, ev.nvs_grid_objects, ev.nvs_turntable,
-                        jax.random.fold_in(rng, 1), dcfg, mesh=mesh, ray_frame=frame)
+                        jax.random.fold_in(rng, 1), dcfg, mesh=mesh)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "nvs_eval.json"), "w") as f:
