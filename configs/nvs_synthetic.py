@@ -6,9 +6,10 @@ python -m soda_jax.main --config=configs/nvs_synthetic.py --workdir=/tmp/soda_nv
 evaluate/nvs.py scores samples of held-out views of unseen objects with 1 and 3 source views
 against copying the nearest source view and the latent-free model (workdir/nvs_eval.json).
 
-Measured (2-core AMD EPYC, docs/benchmarks.md): 0.6-0.7 steps/s when alone, so ~20 min of
-training plus ~2 min of NVS evaluation (renders cached). After those 800 steps the samples do
-not yet beat copying the nearest source view (1 view: 12.5 dB vs 14.5; 10.4 with t ~ U(0, 1)).
+Measured (2-core AMD EPYC, 2 CPU devices, docs/benchmarks.md): 1.64-1.84 steps/s when alone, so
+~8 min of training plus ~2 min of NVS evaluation (renders cached). After those 800 steps SODA's
+samples score 12.53 / 12.78 dB from 1 / 3 views against 12.19 / 14.16 for copying the nearest
+source view (`:steps=1600`: 12.69 / 13.10): the decoder barely uses z yet.
 Variants: `:steps=N`; `:variant=tiny` (16x16, tiny model, a few steps: tests and smoke runs).
 """
 from soda_jax import config_base
