@@ -2,17 +2,17 @@
 import os
 import signal
 import threading
-import time
 from typing import Any, Dict, Optional
 
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import parameter_overview
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from soda_jax import checkpointing, config_checks, multihost, sharding, train_step as ts
+from soda_jax import checkpointing, config_checks, metric_writer, multihost, sharding
+from soda_jax import train_step as ts
 from soda_jax.data import pipeline
 from soda_jax.data import sources
 from soda_jax.evaluate import generate, nvs, representation, z_usage
@@ -102,8 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   multihost.share_cpu_compilation_cache(jax.config.jax_compilation_cache_dir or "")
   mesh = sharding.make_mesh(config)
   os.makedirs(workdir, exist_ok=True)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  writer = metric_writer.create(workdir, jax.process_index())
   logging.info("Mesh %s over %d devices (%s)", dict(mesh.shape), jax.device_count(),
                jax.devices()[0].device_kind)
 
@@ -160,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_fn = ts.jit_train_step(model, tx, config, mesh, state_shardings)
 
   # ---------------------------------------------------------------- loop
-  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
+  report = metric_writer.ProgressReport(config.num_train_steps, writer)
   pending = []  # device metrics since the last log step (no host sync in between)
   history, z_history = [], []
   step = start_step
@@ -173,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, metrics = step_fn(state, batch, step_rng)
       pending.append(metrics)
       step += 1
-      report(step, time.time())
+      report(step)
 
       last = step == until
       stop = preemption.check(step)  # once per step: the same answer for every use below
@@ -224,6 +223,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     result["nvs"] = nvs.evaluate(config, model, state.eval_variables(), workdir, step, writer,
                                  mesh=mesh)
   ckpt.close()
-  writer.flush()
+  writer.close()
   result["state"] = state
   return result
