@@ -212,7 +212,7 @@ def multiview_errors(config: ml_collections.ConfigDict) -> List[str]:
   if not ks or not all(isinstance(k, int) and 1 <= k <= sources.MAX_SOURCE_VIEWS for k in ks):
     errs.append(f"config.evals.nvs_source_views={ks!r} must be a non-empty tuple of ints in "
                 f"[1, {sources.MAX_SOURCE_VIEWS}]")
-  for key in ("nvs_turntable", "nvs_grid_objects"):
+  for key in ("nvs_turntable", "nvs_grid_objects", "nvs_seed"):
     if isinstance(ev[key], bool) or not isinstance(ev[key], int) or ev[key] < 0:
       errs.append(f"config.evals.{key}={ev[key]!r} must be an int >= 0")
   return errs

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from soda_jax import compile_once, sharding, train, train_step as ts
+from soda_jax import compile_once, config_base, sharding, train, train_step as ts
 from soda_jax.data import cameras, multiview, sources
 from soda_jax.evaluate import metrics, nvs
 from soda_jax.models import soda
@@ -52,7 +52,7 @@ def test_nvs_evaluate_tiny(tmp_path):
     saved = json.load(f)
   assert saved == out
   assert set(out) == {"step", "dataset", "split", "num_objects", "image_size", "sample_steps",
-                      "w_z", "w_p", "source_views", "results"}
+                      "w_z", "w_p", "source_views", "seed", "results"}
   assert out["step"] == 7 and out["num_objects"] == 4 and out["source_views"] == [1, 3]
   assert set(out["results"]) == {"k1", "k3"}
   for row in out["results"].values():
@@ -61,16 +61,20 @@ def test_nvs_evaluate_tiny(tmp_path):
       assert set(s) == {"psnr", "ssim"} and all(np.isfinite(v) for v in s.values())
   # The nearest-view numbers are those of the held-out draw, recomputed here.
   from soda_jax.data import sources  # pylint: disable=g-import-not-at-top
-  ex = nvs.heldout_examples(sources.get_source(config.data, "test"), 4, 3, seed=config.seed)
+  ex = nvs.heldout_examples(sources.get_source(config.data, "test"), 4, 3, seed=0)
   near, _ = nvs.nearest_view(ex["source"], ex["source_centres"], ex["target_centre"])
   np.testing.assert_allclose(out["results"]["k3"]["nearest_view"]["psnr"],
                              float(np.mean(metrics.psnr(near, ex["target"], 2.0))), rtol=1e-6)
   np.testing.assert_allclose(out["results"]["k1"]["nearest_view"]["psnr"],
                              float(np.mean(metrics.psnr(ex["source"][:, 0], ex["target"], 2.0))),
                              rtol=1e-6)
-  # Reproducible: the same seed gives the same numbers.
-  again = nvs.evaluate(config, model, variables, str(tmp_path / "again"), step=7)
+  # Reproducible, and a function of the checkpoint alone: another training seed is scored on
+  # the same views with the same noise (evals.nvs_seed); another nvs_seed draws other views.
+  again = nvs.evaluate(config_base.override(config, {"seed": 7}), model, variables,
+                       str(tmp_path / "again"), step=7)
   assert again == out
+  other = nvs.heldout_examples(sources.get_source(config.data, "test"), 4, 3, seed=1)
+  assert not np.array_equal(other["target"], ex["target"])
   png = tmp_path / "samples" / "nvs_turntable_0000007.png"
   assert png.exists()
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -128,7 +132,7 @@ def test_rows_score_each_method_against_the_same_targets(tmp_path, monkeypatch):
   r = out["results"]
   assert r["k1"]["soda"] == r["k1"]["nearest_view"]
   src = sources.get_source(config.data, config.data.eval_split)
-  ex = nvs.heldout_examples(src, config.evals.nvs_objects, 3, seed=config.seed)
+  ex = nvs.heldout_examples(src, config.evals.nvs_objects, 3, seed=config.evals.nvs_seed)
   zeros = nvs.scores(np.zeros_like(ex["target"]), ex["target"])
   for k in ("k1", "k3"):
     assert r[k]["unconditional"] == zeros

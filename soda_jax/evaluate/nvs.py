@@ -1,7 +1,7 @@
 """Novel view synthesis (3-D views): scores of DDIM samples of held-out views of test objects.
 
 For each of `evals.nvs_objects` test objects (`data.eval_split`, spread evenly over the split), a
-fixed draw (seed, object) picks one target view and K_max source views; the K-view case uses the
+fixed draw (`evals.nvs_seed`, object) picks one target view and K_max source views; the K-view case uses the
 first K of them, so the 1-view sources are among the 3-view ones and every method is scored on
 the same target views.
 Scored against the true target (PSNR and SSIM, images in [-1, 1], mean over objects):
@@ -180,14 +180,15 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
   Samples are split over `mesh` (default: the config's), so it runs across processes too.
 
   Returns (and writes to workdir/nvs_eval.json) {'step', 'dataset', 'split', 'num_objects',
-  'image_size', 'sample_steps', 'w_z', 'w_p', 'source_views', 'results': {'k<K>': {method:
+  'image_size', 'sample_steps', 'w_z', 'w_p', 'source_views', 'seed', 'results': {'k<K>': {method:
   {'psnr', 'ssim'}}}}.
   """
   ev, dcfg = config.evals, config.diffusion
   ks: Sequence[int] = sorted(set(int(k) for k in ev.nvs_source_views))
   src = sources.get_source(config.data, config.data.eval_split)
-  ex = heldout_examples(src, ev.nvs_objects, max(ks), seed=config.seed)
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x4E5653)  # 'NVS'
+  # Not config.seed: every training seed is scored on the same views with the same noise.
+  ex = heldout_examples(src, ev.nvs_objects, max(ks), seed=ev.nvs_seed)
+  rng = jax.random.fold_in(jax.random.PRNGKey(ev.nvs_seed), 0x4E5653)  # 'NVS'
   if mesh is None:
     mesh = sharding.make_mesh(config)
   target = ex["target"]
@@ -204,7 +205,7 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
   out = dict(step=int(step), dataset=config.data.name, split=config.data.eval_split,
              num_objects=int(len(target)), image_size=int(src.image_size),
              sample_steps=int(dcfg.sample_steps), w_z=float(dcfg.w_z), w_p=float(dcfg.w_p),
-             source_views=list(ks), results=results)
+             source_views=list(ks), seed=int(ev.nvs_seed), results=results)
   grid = turntable_grid(model, variables, src, ex, ev.nvs_grid_objects, ev.nvs_turntable,
                         jax.random.fold_in(rng, 1), dcfg, mesh=mesh)
   if jax.process_index() == 0:
