@@ -3,7 +3,8 @@ collectives, each process reading its own share of the data (launch/local_multip
 
 One test, four launches of both processes. Launch (a) compiles each program once (process 0
 compiles and hands the binary over); the restarts load them from the suite's persistent cache
-on both processes (multihost.share_cpu_compilation_cache; ~6 min cold on 2 cores). (a) a
+on both processes (multihost.share_cpu_compilation_cache; 223 s cold, alone, on a 2-core AMD
+EPYC). (a) a
 straight run, whose end-of-run sample grid and probe table only process 0 writes (d); (c)
 SIGTERM to ONE process: both stop at the same step, save it and exit 0; (b) the restart
 resumes there, both processes are SIGKILLed after its next checkpoint, and the next restart
@@ -83,8 +84,8 @@ def _params(workdir, step):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SODA_MULTIPROCESS_TEST") == "0", reason=(
-    "SODA_MULTIPROCESS_TEST=0 (a local opt-out; CI runs it): 115-127 s alone on an Intel Xeon, "
-    "289 s inside the suite on an AMD EPYC (docs/benchmarks.md, 'Multi-host and fault tolerance')"))
+    "SODA_MULTIPROCESS_TEST=0 (a local opt-out; CI runs it): 223 s alone on a 2-core AMD EPYC "
+    "(docs/benchmarks.md, 'Multi-host and fault tolerance')"))
 def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   # (a) + (d): straight run with an end-of-run sample grid.
   a = tmp_path / "a"
