@@ -1,9 +1,10 @@
 """Scalars and images to the log and to TensorBoard event files, without importing TensorFlow.
 
 clu's `metric_writers` (and `periodic_actions`, which imports it) load TensorFlow for their
-summary writer: 7.3 of the 10.7 s that `import soda_jax.train` took on a 2-core CPU, paid by
-every `python -m soda_jax.main`, every process of a multi-host job and every test that starts
-one (docs/benchmarks.md, "Test suite"). This module keeps clu's writer interface
+summary writer: `import soda_jax.main, soda_jax.train` took 6.7-6.8 s with it and 1.5-1.6 s
+without (2-core AMD EPYC, quiet, docs/benchmarks.md "Test suite"), paid by every
+`python -m soda_jax.main`, every process of a multi-host job and every test that starts one.
+This module keeps clu's writer interface
 (`write_scalars`, `write_images`, `flush`, `close`) and writes the event records with
 TensorBoard's own pure-Python framing (protobuf + CRC, as tensorboardX and PyTorch do), the way
 big_vision and MaxText keep their own small writers. Files are opened through etils.epath, as
@@ -17,7 +18,11 @@ import time
 from typing import Any, Mapping, Optional
 
 from absl import logging
+from etils import epath
 import numpy as np
+from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter  # pure Python, CRC framing
 
 
 class MetricWriter:
@@ -26,10 +31,6 @@ class MetricWriter:
   def __init__(self, logdir: Optional[str] = None):
     self._events = None
     if logdir is not None:
-      # pylint: disable=g-import-not-at-top
-      from etils import epath
-      from tensorboard.compat.proto import event_pb2
-      from tensorboard.summary.writer.record_writer import RecordWriter
       path = epath.Path(logdir)
       path.mkdir(parents=True, exist_ok=True)
       name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2"
@@ -40,7 +41,6 @@ class MetricWriter:
     values = {k: float(v) for k, v in scalars.items()}
     logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
     if self._events is not None:
-      from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
       self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=v)
                        for k, v in values.items()])
 
@@ -54,7 +54,6 @@ class MetricWriter:
                          "(1, 3, 4)")
     if self._events is None:
       return
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
     values = []
     for name, batch in images.items():
       batch = np.asarray(batch)
@@ -66,7 +65,6 @@ class MetricWriter:
     self._add(step, values)
 
   def _add(self, step, values):
-    from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
     self._write(event_pb2.Event(wall_time=time.time(), step=int(step),
                                 summary=summary_pb2.Summary(value=values)))
 
@@ -85,7 +83,6 @@ class MetricWriter:
 
 
 def _png(image: np.ndarray) -> bytes:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   if image.dtype != np.uint8:
     image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
   buf = io.BytesIO()

@@ -83,6 +83,7 @@ def _nvs_tiny():
     ({"evals.num_samples": 8}, "config.evals.num_samples=8 must be 0 for the multi-view"),
     ({"evals.probe_every_steps": 0}, "config.evals.probe_every_steps=0 must be -1"),
     ({"evals.nvs_source_views": (1, 9)}, "config.evals.nvs_source_views=(1, 9) must be"),
+    ({"evals.nvs_seed": -1}, "config.evals.nvs_seed=-1 must be an int >= 0"),
     ({"model.ray_freqs": -1}, "config.model.ray_freqs=-1 must be an int in [0, 16]"),
 ])
 def test_bad_multiview_config_names_key_and_value(overrides, message):

@@ -61,7 +61,8 @@ def test_nvs_evaluate_tiny(tmp_path):
       assert set(s) == {"psnr", "ssim"} and all(np.isfinite(v) for v in s.values())
   # The nearest-view numbers are those of the held-out draw, recomputed here.
   from soda_jax.data import sources  # pylint: disable=g-import-not-at-top
-  ex = nvs.heldout_examples(sources.get_source(config.data, "test"), 4, 3, seed=0)
+  ex = nvs.heldout_examples(sources.get_source(config.data, "test"), 4, 3,
+                            seed=config.evals.nvs_seed)
   near, _ = nvs.nearest_view(ex["source"], ex["source_centres"], ex["target_centre"])
   np.testing.assert_allclose(out["results"]["k3"]["nearest_view"]["psnr"],
                              float(np.mean(metrics.psnr(near, ex["target"], 2.0))), rtol=1e-6)
@@ -73,7 +74,7 @@ def test_nvs_evaluate_tiny(tmp_path):
   again = nvs.evaluate(config_base.override(config, {"seed": 7}), model, variables,
                        str(tmp_path / "again"), step=7)
   assert again == out
-  other = nvs.heldout_examples(sources.get_source(config.data, "test"), 4, 3, seed=1)
+  other = nvs.heldout_examples(sources.get_source(config.data, "test"), 4, 3, seed=config.evals.nvs_seed + 1)
   assert not np.array_equal(other["target"], ex["target"])
   png = tmp_path / "samples" / "nvs_turntable_0000007.png"
   assert png.exists()

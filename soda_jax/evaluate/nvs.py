@@ -1,9 +1,9 @@
 """Novel view synthesis (3-D views): scores of DDIM samples of held-out views of test objects.
 
 For each of `evals.nvs_objects` test objects (`data.eval_split`, spread evenly over the split), a
-fixed draw (`evals.nvs_seed`, object) picks one target view and K_max source views; the K-view case uses the
-first K of them, so the 1-view sources are among the 3-view ones and every method is scored on
-the same target views.
+fixed draw (`evals.nvs_seed`, object) picks one target view and K_max source views; the K-view
+case uses the first K of them, so the 1-view sources are among the 3-view ones and every method
+is scored on the same target views.
 Scored against the true target (PSNR and SSIM, images in [-1, 1], mean over objects):
 
   soda            encode the K source views (+ rays), mean z, DDIM-sample the target camera
@@ -180,8 +180,8 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
   Samples are split over `mesh` (default: the config's), so it runs across processes too.
 
   Returns (and writes to workdir/nvs_eval.json) {'step', 'dataset', 'split', 'num_objects',
-  'image_size', 'sample_steps', 'w_z', 'w_p', 'source_views', 'seed', 'results': {'k<K>': {method:
-  {'psnr', 'ssim'}}}}.
+  'image_size', 'sample_steps', 'w_z', 'w_p', 'source_views', 'seed', 'results':
+  {'k<K>': {method: {'psnr', 'ssim'}}}}.
   """
   ev, dcfg = config.evals, config.diffusion
   ks: Sequence[int] = sorted(set(int(k) for k in ev.nvs_source_views))
