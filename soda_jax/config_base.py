@@ -111,6 +111,9 @@ def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   # Mesh: axes ('data', 'fsdp'); -1 fills with the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1), axes=("data", "fsdp")))
+  # Leaves with fewer elements stay replicated (sharding.py): each sharded leaf costs FSDP
+  # collectives every step, and a bias is not worth one.
+  c.mesh.min_shard_elements = 2 ** 14
   # Logical param axes -> mesh axes (None = replicated). FSDP shards output channels; a dim not
   # divisible by its mesh axes stays replicated and is counted in the parameter overview.
   c.sharding_rules = (

@@ -4,6 +4,11 @@ Params carry logical axis names (`models/layers.py`); `config.sharding_rules` ma
 axes. A dimension that its mesh axes do not divide (e.g. a 3-channel output conv on a 4-way fsdp
 axis) stays replicated: `param_shardings` returns how many leaves that happened to, and the
 trainer logs it, so nothing is silently left unsharded.
+
+Leaves with fewer than `config.mesh.min_shard_elements` elements stay replicated by choice
+(big_vision's FSDP has the same floor, `min_size_to_shard_mb`): splitting a bias saves a few
+hundred bytes per device and costs an all-gather per step. On the imagenet config the default
+2**14 keeps 403 of 613 param leaves whole, 0.16% of the params: two thirds fewer FSDP collectives.
 """
 import math
 from typing import Any, Sequence, Tuple
@@ -42,20 +47,34 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> Tuple[P, bool]:
   return P(*out), dropped
 
 
-def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Tuple[Any, int]:
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules,
+                      min_elements: int = 0) -> Tuple[Any, int]:
   """Boxed abstract pytree (from `jax.eval_shape`) -> (NamedSharding pytree, #replicated leaves).
 
+  Leaves with fewer than `min_elements` elements are replicated (not counted: that is a
+  choice); the count is of leaves replicated because a dim was not divisible by its mesh axes.
   The returned tree has the structure of the *unboxed* pytree (boxes become leaves).
   """
   logical_specs = nn.get_partition_spec(abstract_boxed)
   mesh_specs = nn.logical_to_mesh(logical_specs, tuple(tuple(r) for r in rules))
   is_spec = lambda x: isinstance(x, P)
   unboxed = nn.meta.unbox(abstract_boxed)
-  fitted = jax.tree.map(lambda s, a: _fit_spec(s, a.shape, mesh)[0], mesh_specs, unboxed,
-                        is_leaf=is_spec)
-  num_dropped = sum(jax.tree.leaves(jax.tree.map(
-      lambda s, a: int(_fit_spec(s, a.shape, mesh)[1]), mesh_specs, unboxed, is_leaf=is_spec)))
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), fitted, is_leaf=is_spec), num_dropped
+
+  def fit(spec, a):
+    if math.prod(a.shape) < min_elements:
+      return P(), False
+    return _fit_spec(spec, a.shape, mesh)
+
+  fitted = jax.tree.map(fit, mesh_specs, unboxed, is_leaf=is_spec)
+  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], P)
+  num_dropped = sum(int(d) for _, d in jax.tree.leaves(fitted, is_leaf=is_pair))
+  return (jax.tree.map(lambda f: NamedSharding(mesh, f[0]), fitted, is_leaf=is_pair),
+          num_dropped)
+
+
+def num_below(abstract: Any, min_elements: int) -> int:
+  """How many leaves `logical_shardings` replicates for being under `min_elements`."""
+  return sum(math.prod(a.shape) < min_elements for a in jax.tree.leaves(abstract))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -124,8 +124,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
   abstract, state_shardings, num_replicated = ts.abstract_state(model, tx, config, mesh,
                                                                 init_rng)
-  logging.info("%d param/opt leaves kept replicated (a dim not divisible by its mesh axes).",
-               num_replicated)
+  logging.info("%d param/opt leaves kept replicated (a dim not divisible by its mesh axes); "
+               "%d under mesh.min_shard_elements=%d kept whole by choice.", num_replicated,
+               sharding.num_below(abstract, config.mesh.min_shard_elements),
+               config.mesh.min_shard_elements)
 
   # ---------------------------------------------------------------- restore or init
   # Restore reads straight into the abstract, sharded target: no initialised copy is built

@@ -115,7 +115,8 @@ def abstract_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
   divisible): the restore target, so a resumed run never holds an initialised copy as well.
   """
   boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx, config), rng)
-  shardings, num_replicated = sharding.logical_shardings(boxed, mesh, config.sharding_rules)
+  shardings, num_replicated = sharding.logical_shardings(
+      boxed, mesh, config.sharding_rules, config.mesh.min_shard_elements)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
   return abstract, shardings, num_replicated

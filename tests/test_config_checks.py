@@ -49,6 +49,7 @@ def test_bad_model_config_names_key_and_value(key, value, message):
     ("batch_size", 12, 8, "config.batch_size=12 is not divisible by the 8 devices"),
     ("mesh.shape", (3, -1), 8, "config.mesh.shape=(3, -1) does not fit 8 devices"),
     ("mesh.shape", (2, 2), 8, "config.mesh.shape=(2, 2) does not fit 8 devices"),
+    ("mesh.min_shard_elements", -1, 8, "config.mesh.min_shard_elements=-1 must be an int >= 0"),
     ("compute_dtype", "float16", 8, "config.compute_dtype='float16' is not one of"),
     ("data.name", "no_such_dataset_xyz", 8, "no_such_dataset_xyz"),
     ("optim.ema_decay", 1.5, 8, "config.optim.ema_decay=1.5"),

@@ -32,18 +32,20 @@ def test_one_step_is_sharded_as_the_rules_say(tmp_path, mesh_shape):
   state = out["state"]
   assert int(state.step) == 1
   fsdp = mesh_shape[1]
-  # A decoder conv kernel (3, 3, 16, 16): output channels over 'fsdp' (divisible by 4).
-  k = _leaf(state.params, "decoder", "down_0_res_0", "conv_0", "kernel")
+  # An encoder conv kernel (3, 3, 64, 64), 36864 elements: output channels over 'fsdp'.
+  k = _leaf(state.params, "encoder", "layer4_1", "conv2", "kernel")
   assert k.sharding.spec == P(None, None, None, "fsdp")
-  assert k.addressable_shards[0].data.shape == (3, 3, 16, 16 // fsdp)
+  assert k.addressable_shards[0].data.shape == (3, 3, 64, 64 // fsdp)
   # The same sharding for its Adam moments and its EMA copy.
   mu = state.opt_state[1][0].mu  # chain: (clip, adamw=(scale_by_adam, ...))
-  assert _leaf(mu, "decoder", "down_0_res_0", "conv_0", "kernel").sharding.spec == k.sharding.spec
-  assert _leaf(state.ema_params, "decoder", "down_0_res_0", "conv_0",
+  assert _leaf(mu, "encoder", "layer4_1", "conv2", "kernel").sharding.spec == k.sharding.spec
+  assert _leaf(state.ema_params, "encoder", "layer4_1", "conv2",
                "kernel").sharding.spec == k.sharding.spec
-  # The 1-channel output conv cannot be split 4 ways: replicated (and counted).
-  out_k = _leaf(state.params, "decoder", "conv_out", "kernel")
-  assert out_k.addressable_shards[0].data.shape == out_k.shape
+  # A decoder conv kernel (3, 3, 16, 16) is under mesh.min_shard_elements (2**14): whole on
+  # every device, as are its moments.
+  small = _leaf(state.params, "decoder", "down_0_res_0", "conv_0", "kernel")
+  assert small.sharding.spec == P() and small.addressable_shards[0].data.shape == small.shape
+  assert _leaf(mu, "decoder", "down_0_res_0", "conv_0", "kernel").sharding.spec == P()
   # The loss was logged and is finite.
   (step, summary), = out["history"]
   assert step == 1 and np.isfinite(summary["loss"])

@@ -1,8 +1,10 @@
 """The train step's bookkeeping: per-part gradient norms, EMA of params *and* BatchNorm stats."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -26,6 +28,22 @@ def test_part_grad_norms_partition_the_global_norm():
       [jnp.sum(g ** 2) for g in jax.tree.leaves(grads)]))), rtol=1e-6)
   with pytest.raises(ValueError, match="'pose_net/kernel' belongs to none of"):
     ts.part_grad_norms({"pose_net": {"kernel": jnp.ones(2)}})
+
+
+def test_small_leaves_stay_whole_and_only_indivisible_ones_are_counted():
+  """mesh.min_shard_elements: a leaf under it is replicated by choice (not counted); above it,
+  a dim its mesh axes do not divide is replicated and counted."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  box = lambda shape: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32),
+                                              ("conv_in", "conv_out"))
+  tree = {"big": box((64, 64)), "odd": box((64, 3)), "small": box((8, 8))}
+  rules = config_base.base_config().sharding_rules
+  out, counted = sharding.logical_shardings(tree, mesh, rules, min_elements=100)
+  assert (out["big"].spec, out["odd"].spec, out["small"].spec) == (P(None, "fsdp"), P(None, None),
+                                                                   P())
+  assert counted == 1 and sharding.num_below(nn.meta.unbox(tree), 100) == 1
+  out, counted = sharding.logical_shardings(tree, mesh, rules)  # no floor: the 8x8 splits too
+  assert out["small"].spec == P(None, "fsdp") and counted == 1
 
 
 @pytest.mark.xdist_group("export")  # bn_tiny's train step, compiled once for the export tests
