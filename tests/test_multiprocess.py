@@ -3,7 +3,7 @@ collectives, each process reading its own share of the data (launch/local_multip
 
 One test, four launches of both processes. Launch (a) compiles each program once (process 0
 compiles and hands the binary over); the restarts load them from the suite's persistent cache
-on both processes (multihost.share_cpu_compilation_cache; 223 s cold, alone, on a 2-core AMD
+on both processes (multihost.share_cpu_compilation_cache; 128 s cold, alone, on a 2-core AMD
 EPYC). (a) a
 straight run, whose end-of-run sample grid and probe table only process 0 writes (d); (c)
 SIGTERM to ONE process: both stop at the same step, save it and exit 0; (b) the restart
@@ -27,7 +27,7 @@ from tests.test_config_checks import ROOT
 
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 TIMEOUT = int(os.environ.get("SODA_MP_TIMEOUT", "900"))  # per launch; 2 busy cores are slow
-STEPS = 6  # each step ~3.8 s: ~200 gloo collectives over TCP (FSDP all-gathers)
+STEPS = 6  # ~1.5-2 s a step: each gloo collective goes over TCP (18 FSDP all-gathers a step)
 COMMON = ["--config.mesh.shape=(2,4)", "--config.checkpoint_every_steps=2",
           "--config.log_every_steps=2",
           # The suite's cache (conftest): programs compiled by one launch load in the next.
@@ -84,7 +84,7 @@ def _params(workdir, step):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SODA_MULTIPROCESS_TEST") == "0", reason=(
-    "SODA_MULTIPROCESS_TEST=0 (a local opt-out; CI runs it): 223 s alone on a 2-core AMD EPYC "
+    "SODA_MULTIPROCESS_TEST=0 (a local opt-out; CI runs it): 128 s alone on a 2-core AMD EPYC "
     "(docs/benchmarks.md, 'Multi-host and fault tolerance')"))
 def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   # (a) + (d): straight run with an end-of-run sample grid.
@@ -112,7 +112,7 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   os.kill(run.pids[1], signal.SIGTERM)
   assert run.wait() == 0, run.log(0)[-3000:] + run.log(1)[-3000:]
   stopped = max(checkpointing.steps_on_disk(c))
-  # SIGTERM lands while the first step is still being loaded (~13 s), so the agreed step is
+  # SIGTERM lands while the first step is still being loaded (~5 s), so the agreed step is
   # early, and (b) needs a later checkpoint before STEPS.
   assert stopped <= STEPS - 4, checkpointing.steps_on_disk(c)
   for i in (0, 1):
