@@ -152,9 +152,9 @@ def training_errors(config: ml_collections.ConfigDict, num_devices: int,
   if len(config.mesh.shape) != 2 or mesh_shape(config, num_devices) is None:
     errs.append(f"config.mesh.shape={tuple(config.mesh.shape)!r} does not fit {num_devices} "
                 "devices (product must equal the device count; at most one -1)")
-  mse = config.mesh.min_shard_elements
-  if isinstance(mse, bool) or not isinstance(mse, int) or mse < 0:
-    errs.append(f"config.mesh.min_shard_elements={mse!r} must be an int >= 0")
+  floor = config.mesh.min_shard_elements
+  if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+    errs.append(f"config.mesh.min_shard_elements={floor!r} must be an int >= 0")
   if not isinstance(config.batch_size, int) or config.batch_size < 1:
     errs.append(f"config.batch_size={config.batch_size!r} must be a positive int")
   elif config.batch_size % num_devices:

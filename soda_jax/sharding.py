@@ -2,7 +2,7 @@
 
 Params carry logical axis names (`models/layers.py`); `config.sharding_rules` map them to mesh
 axes. A dimension that its mesh axes do not divide (e.g. a 3-channel output conv on a 4-way fsdp
-axis) stays replicated: `param_shardings` returns how many leaves that happened to, and the
+axis) stays replicated: `logical_shardings` returns how many leaves that happened to, and the
 trainer logs it, so nothing is silently left unsharded.
 
 Leaves with fewer than `config.mesh.min_shard_elements` elements stay replicated by choice
