@@ -7,9 +7,10 @@ from soda_jax import config_base
 
 
 def get_config(arg=None):
-  # 1000 steps: what the README command's 15 minutes hold on 2 cores (~10 min of training at
-  # ~1.8 steps/s on 2 CPU devices). Against 600: probe h 81.58 vs 80.43, recon 12.42 vs 10.93 dB
-  # (seed 0; seeds 1-2 in docs/benchmarks.md, session 19).
+  # 1000 steps: what the README command's 15 minutes hold on 2 cores (701 s wall on a 2-core AMD
+  # EPYC, 2 CPU devices, loop at 1.55-1.69 steps/s). Against 600, seeds 0 / 1: recon 12.42 /
+  # 12.67 vs 10.93 / 11.18 dB, k-NN h +2.4 / +2.5, probe h +1.15 / +0.42 (docs/benchmarks.md,
+  # session 19).
   a = config_base.parse_arg(arg, steps=1000)
   c = config_base.base_config("demo")
   c.data.name = "fashion_mnist"
