@@ -8,9 +8,9 @@ from soda_jax import config_base
 
 def get_config(arg=None):
   # 1000 steps: what the README command's 15 minutes hold on 2 cores (701 s wall on a 2-core AMD
-  # EPYC, 2 CPU devices, loop at 1.55-1.69 steps/s). Against 600, seeds 0 / 1: recon 12.42 /
-  # 12.67 vs 10.93 / 11.18 dB, k-NN h +2.4 / +2.5, probe h +1.15 / +0.42 (docs/benchmarks.md,
-  # session 19).
+  # EPYC, 2 CPU devices, loop at 1.55-1.69 steps/s). Against 600, three seeds: recon 12.60 vs
+  # 11.04 dB, k-NN h 75.52 vs 73.32, probe h 81.10 vs 80.29, up on every seed
+  # (docs/benchmarks.md, session 19).
   a = config_base.parse_arg(arg, steps=1000)
   c = config_base.base_config("demo")
   c.data.name = "fashion_mnist"
