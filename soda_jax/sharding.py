@@ -65,11 +65,10 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules,
       return P(), False
     return _fit_spec(spec, a.shape, mesh)
 
-  fitted = jax.tree.map(fit, mesh_specs, unboxed, is_leaf=is_spec)
-  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], P)
-  num_dropped = sum(int(d) for _, d in jax.tree.leaves(fitted, is_leaf=is_pair))
-  return (jax.tree.map(lambda f: NamedSharding(mesh, f[0]), fitted, is_leaf=is_pair),
-          num_dropped)
+  specs, treedef = jax.tree.flatten(mesh_specs, is_leaf=is_spec)
+  fitted = [fit(s, a) for s, a in zip(specs, treedef.flatten_up_to(unboxed))]
+  shardings = jax.tree.unflatten(treedef, [NamedSharding(mesh, s) for s, _ in fitted])
+  return shardings, sum(dropped for _, dropped in fitted)
 
 
 def num_below(abstract: Any, min_elements: int) -> int:
