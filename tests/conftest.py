@@ -37,6 +37,9 @@ def pytest_collection_modifyitems(config, items):
   """`--dist loadgroup` for pytest 9: xdist 3.8 tags grouped tests by rewriting `item._nodeid`,
   which pytest 9 no longer reads (node ids live in `item._id`), so its groups were silently
   ignored (a module fixture was built once per worker). Same tag, set where pytest 9 reads it."""
+  # Slow (end-to-end) tests first: xdist hands out work in collection order (grouped scopes
+  # first), so a 200-s test collected late runs alone at the end while the other worker idles.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
   if not getattr(config.option, "loadgroup", False) or not items or not hasattr(items[0], "_id"):
     return
   from _pytest.nodeid import NodeId  # pylint: disable=g-import-not-at-top

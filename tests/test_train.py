@@ -25,6 +25,7 @@ def _leaf(tree, *path):
   return tree
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(2, 4), (8, 1)])
 def test_one_step_is_sharded_as_the_rules_say(tmp_path, mesh_shape):
   c = _tiny(**{"num_train_steps": 1, "mesh.shape": mesh_shape, "evals.num_samples": 0})
