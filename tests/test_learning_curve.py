@@ -44,3 +44,29 @@ def test_summary_mean_std_and_bad_steps():
   assert "| 0 | 2 | 60.00 +- 14.14 |" in learning_curve.format_table(res)
   with pytest.raises(ValueError, match=r"--eval_steps \[30\] outside \[0, num_train_steps=20\]"):
     learning_curve.run(load_config("tiny"), "/tmp/unused", [0], [0, 30])
+
+
+def test_a_preempted_run_keeps_its_points_and_says_how_to_resume(tmp_path, monkeypatch):
+  """SIGTERM during seed 1's training (train_and_evaluate returns preempted): seed 0's point is
+  kept and summarised, nothing is recorded for seed 1, the table prints (it raised KeyError
+  before), and the result says where it stopped; the json holds no 'stopped' key."""
+  from soda_jax import train  # pylint: disable=g-import-not-at-top
+  from soda_jax.evaluate import representation  # pylint: disable=g-import-not-at-top
+  c = config_base.override(load_config("tiny"), {"num_train_steps": 4})
+
+  def fake_train(cfg, workdir, stop_after):
+    if cfg.seed == 1:
+      return {"preempted": True, "step": 2, "state": None, "z_usage": []}
+    return {"preempted": False, "step": stop_after, "state": None, "z_usage": []}
+
+  monkeypatch.setattr(train, "train_and_evaluate", fake_train)
+  monkeypatch.setattr(representation, "evaluate",
+                      lambda *a, **k: dict.fromkeys(learning_curve.METRICS, 0.5))
+  out = learning_curve.run(c, str(tmp_path), seeds=[0, 1], eval_steps=[4])
+  assert out["stopped"] == {"seed": 1, "step": 2, "eval_step": 4}
+  assert [p["step"] for p in out["curves"]["0"]] == [4] and out["curves"]["1"] == []
+  assert [(r["step"], r["num_seeds"]) for r in out["summary"]] == [(4, 1)]
+  assert "| 4 | 1 | 50.00 +- 0.00 |" in learning_curve.format_table(out)
+  with open(tmp_path / "learning_curve.json") as f:
+    saved = json.load(f)
+  assert "stopped" not in saved and saved["curves"] == out["curves"]

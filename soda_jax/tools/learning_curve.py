@@ -75,6 +75,7 @@ def run(config, workdir: str, seeds: Sequence[int],
     _save(path, results)
 
   mesh = sharding.make_mesh(config)
+  stopped = None
   for seed in seeds:
     cfg = config_base.override(config, {"seed": int(seed), "evals.probe_every_steps": -1})
     model = ts.build_model(cfg)
@@ -86,9 +87,10 @@ def run(config, workdir: str, seeds: Sequence[int],
       out = train.train_and_evaluate(cfg, os.path.join(workdir, f"seed_{seed}"),
                                      stop_after=step)
       if out["preempted"] or out["step"] != step:  # SIGTERM: checkpoint saved, resume later
+        stopped = {"seed": seed, "step": out["step"], "eval_step": step}
         logging.warning("Stopped at step %d before eval step %d: point not recorded.",
                         out["step"], step)
-        return results
+        break
       point = {"step": step, **representation.evaluate(cfg, model, out["state"], mesh)}
       if step == 0 and out["state"].batch_stats:  # the random init, BatchNorm calibrated too
         cal = representation.evaluate(cfg, model, out["state"], mesh, recon_examples=0,
@@ -100,9 +102,14 @@ def run(config, workdir: str, seeds: Sequence[int],
       curve.sort(key=lambda p: p["step"])
       logging.info("seed %s step %d: %s", seed, step, point)
       _save(path, results)
+    if stopped:
+      break
   results["summary"] = summarize(results)
   _save(path, results)
-  plot(results, os.path.join(workdir, "learning_curve.png"))
+  if results["summary"]:
+    plot(results, os.path.join(workdir, "learning_curve.png"))
+  if stopped:  # not saved: the next run of the same command resumes and records the rest
+    results["stopped"] = stopped
   return results
 
 
@@ -202,6 +209,10 @@ def main(argv):
            else [0, config.num_train_steps // 2, config.num_train_steps])
   results = run(config, f.workdir, [int(s) for s in f.seeds], steps)
   print(format_table(results))
+  if "stopped" in results:
+    s = results["stopped"]
+    print(f"Stopped by a signal at step {s['step']} of seed {s['seed']}, before eval step "
+          f"{s['eval_step']} (checkpoint saved): run the same command again to resume.")
 
 
 if __name__ == "__main__":
