@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from soda_jax.data import cameras
 from soda_jax.models import convolution
+from soda_jax.models import group_norm as group_norm_lib
 
 Dtype = Any
 
@@ -43,13 +44,11 @@ def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
       name=name)
 
 
-def group_norm(num_groups: int, name: Optional[str] = None) -> nn.GroupNorm:
-  # Statistics always in float32 (dtype of the output follows the input via the caller's cast).
-  return nn.GroupNorm(
-      num_groups=num_groups, epsilon=1e-5, dtype=jnp.float32,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, NORM_AXES),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, NORM_AXES),
-      name=name)
+def group_norm(num_groups: int, name: Optional[str] = None) -> group_norm_lib.GroupNorm:
+  """The decoder's GroupNorm (float32 statistics; its affine, AdaGN and SiLU fused in one
+  custom-VJP op: models/group_norm.py). Called as norm(x, mul=None, add=None, act=None)."""
+  return group_norm_lib.GroupNorm(num_groups=num_groups, epsilon=1e-5, param_axes=NORM_AXES,
+                                  name=name)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -135,18 +134,19 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x, t_emb, z_sub, z_keep, train: bool):
     # x: (B, H, W, Cin); t_emb: (B, T); z_sub: (B, d) or None; z_keep: (B,) bool.
-    h = nn.silu(group_norm(self.num_groups, "norm_0")(x)).astype(self.dtype)
+    h = group_norm(self.num_groups, "norm_0")(x, act="silu").astype(self.dtype)
     h = conv(self.features, dtype=self.dtype, name="conv_0")(h)
     st, bt = jnp.split(dense(2 * self.features, dtype=self.dtype, name="time_proj")(
-        nn.silu(t_emb))[:, None, None, :], 2, axis=-1)
-    h = group_norm(self.num_groups, "norm_1")(h) * (1 + st) + bt
+        nn.silu(t_emb)).astype(jnp.float32), 2, axis=-1)  # (B, F) each
+    mul, add = 1 + st, bt
     if z_sub is not None:
       mod = dense(2 * self.features, zero_init=self.latent_init == "zero", dtype=self.dtype,
                   name="latent_proj")(z_sub)
       mod = jnp.where(z_keep[:, None], mod, jnp.zeros_like(mod))
-      sz, bz = jnp.split(mod[:, None, None, :], 2, axis=-1)
-      h = h * (1 + sz) + bz
-    h = nn.silu(h).astype(self.dtype)
+      sz, bz = jnp.split(mod.astype(jnp.float32), 2, axis=-1)
+      # (h (1 + s_t) + b_t)(1 + s_z) + b_z, folded into one scale and shift per channel.
+      mul, add = mul * (1 + sz), add * (1 + sz) + bz
+    h = group_norm(self.num_groups, "norm_1")(h, mul, add, act="silu").astype(self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.features, zero_init=True, dtype=self.dtype, name="conv_1")(h)
     if x.shape[-1] != self.features:

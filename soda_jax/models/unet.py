@@ -88,6 +88,6 @@ class UNet(nn.Module):
                             name=f"up_{i}_upsample")(h, skips[-1].shape[1:3])
     assert not skips
 
-    h = nn.silu(layers.group_norm(self.num_groups, "norm_out")(h)).astype(self.dtype)
+    h = layers.group_norm(self.num_groups, "norm_out")(h, act="silu").astype(self.dtype)
     h = layers.conv(self.out_channels, zero_init=True, dtype=self.dtype, name="conv_out")(h)
     return h.astype(jnp.float32)
