@@ -112,8 +112,8 @@ class GroupNorm(nn.Module):
     a = jnp.broadcast_to(gamma, (n, c))
     b = jnp.broadcast_to(beta, (n, c))
     if mul is not None:  # (x gamma + beta) m + t = x (gamma m) + (beta m + t)
-      a = a * mul.astype(jnp.float32)
-      b = b * mul.astype(jnp.float32)
+      mul = mul.astype(jnp.float32)
+      a, b = a * mul, b * mul
     if add is not None:
       b = b + add.astype(jnp.float32)
     return norm_affine_act(x, a, b, self.num_groups, self.epsilon, act)
