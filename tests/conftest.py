@@ -65,12 +65,19 @@ _COMPILE_EVENTS = {
     "/jax/core/compile/backend_compile_duration": "compile",
 }
 _compile_seconds = dict.fromkeys(_COMPILE_EVENTS.values(), 0.0)
+# XLA compile (or persistent-cache load) per program name: [count, seconds]. Which programs the
+# suite compiles, and how often, is what decides where a shared config or fixture saves time.
+_by_program = {}
 
 
-def _on_duration(event, duration, **_):
+def _on_duration(event, duration, fun_name=None, **_):
   kind = _COMPILE_EVENTS.get(event)
   if kind:
     _compile_seconds[kind] += duration
+    if kind == "compile":
+      entry = _by_program.setdefault(str(fun_name), [0, 0.0])
+      entry[0] += 1
+      entry[1] += duration
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
@@ -79,6 +86,7 @@ jax.monitoring.register_event_duration_secs_listener(_on_duration)
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
   _compile_seconds.update(dict.fromkeys(_compile_seconds, 0.0))
+  _by_program.clear()
   yield
 
 
@@ -87,6 +95,7 @@ def pytest_runtest_makereport(item, call):  # pylint: disable=unused-argument
   report = (yield).get_result()
   if call.when == "teardown":  # setup + call + teardown; travels to the xdist controller
     report.user_properties.append(("jax_compile_s", dict(_compile_seconds)))
+    report.user_properties.append(("jax_compile_by_program", dict(_by_program)))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -102,3 +111,15 @@ def pytest_terminal_summary(terminalreporter):
                                 f"compile {v['compile']:.1f})  {nodeid}")
   totals = {k: sum(v[k] for _, _, v in rows) for k in _compile_seconds}
   terminalreporter.write_line("all tests: " + ", ".join(f"{k} {v:.0f} s" for k, v in totals.items()))
+  programs = {}
+  for reports in terminalreporter.stats.values():
+    for r in reports:
+      for name, v in getattr(r, "user_properties", ()):
+        if name == "jax_compile_by_program":
+          for fun, (n, s) in v.items():
+            entry = programs.setdefault(fun, [0, 0.0])
+            entry[0] += n
+            entry[1] += s
+  top = sorted(programs.items(), key=lambda kv: -kv[1][1])[:8]
+  terminalreporter.write_line("compile (or cache load) by program: " + ", ".join(
+      f"{fun} {n}x {s:.0f} s" for fun, (n, s) in top))
