@@ -13,11 +13,17 @@ import jax
 CPU_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def run(fn: Callable[..., Any], *args, **jit_kwargs) -> Any:
-  """`jax.jit(fn, **jit_kwargs)(*args)`, compiled cheaply on CPU (cached like any compile)."""
+def compile(fn: Callable[..., Any], *args, **jit_kwargs) -> Callable[..., Any]:  # pylint: disable=redefined-builtin
+  """`jax.jit(fn, **jit_kwargs)` compiled for `args`' shapes, cheaply on CPU (cached like any
+  compile); the result can be called again with other values of the same shapes."""
   lowered = jax.jit(fn, **jit_kwargs).lower(*args)
   options = CPU_OPTIONS if jax.default_backend() == "cpu" else None
-  return lowered.compile(compiler_options=options)(*args)
+  return lowered.compile(compiler_options=options)
+
+
+def run(fn: Callable[..., Any], *args, **jit_kwargs) -> Any:
+  """`jax.jit(fn, **jit_kwargs)(*args)`, compiled as `compile` does."""
+  return compile(fn, *args, **jit_kwargs)(*args)
 
 
 def init(model: Any, rng: jax.Array, **inputs) -> Any:

@@ -118,14 +118,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_batch = sharding.batch_from_host(eval_arrays["image"], mesh)
 
   # ---------------------------------------------------------------- model + sharded state
-  model = ts.build_model(config)
-  tx = ts.make_optimizer(config)
+  prog = ts.programs(config, mesh)  # built once per process for these programs
+  model, abstract = prog.model, prog.abstract
   rng = jax.random.PRNGKey(config.seed)
   init_rng, step_rng, sample_rng = jax.random.split(rng, 3)
-  abstract, state_shardings, num_replicated = ts.abstract_state(model, tx, config, mesh,
-                                                                init_rng)
   logging.info("%d param/opt leaves kept replicated (a dim not divisible by its mesh axes); "
-               "%d under mesh.min_shard_elements=%d kept whole by choice.", num_replicated,
+               "%d under mesh.min_shard_elements=%d kept whole by choice.", prog.num_replicated,
                sharding.num_below(abstract, config.mesh.min_shard_elements),
                config.mesh.min_shard_elements)
 
@@ -137,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step, state = ckpt.restore_latest(abstract, train_iter, config)
   if state is None:
     start_step = 0
-    state, _, _ = ts.create_state(model, tx, config, mesh, init_rng)
+    state = prog.init(init_rng)
   else:
     logging.info("Resumed from step %d in %s", start_step, ckpt.directory)
   if jax.process_index() == 0:
@@ -158,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return scalars
 
   # ---------------------------------------------------------------- update fn
-  step_fn = ts.jit_train_step(model, tx, config, mesh, state_shardings)
+  step_fn = prog.step
 
   # ---------------------------------------------------------------- loop
   report = metric_writer.ProgressReport(config.num_train_steps, writer)

@@ -94,8 +94,26 @@ def test_damaged_newest_checkpoint_falls_back_to_intact_one(trained, tmp_path, h
   assert any("Moved the damaged checkpoint step" in m for m in messages), messages
   ckpt.close()
   if how == "truncate":  # resume through the damaged step's number: saved again, intact
-    out = train.train_and_evaluate(config, str(workdir))
+    traced = []
+
+    def on_event(event, duration, fun_name=None, **_):  # pylint: disable=unused-argument
+      if event == "/jax/core/compile/jaxpr_trace_duration":
+        traced.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+      out = train.train_and_evaluate(config, str(workdir))
+    finally:
+      jax.monitoring.unregister_event_duration_listener(on_event)
     assert out["step"] == NEW and checkpointing.steps_on_disk(workdir) == [OLD, NEW]
+    # The fixture's run built this config's programs in this process (ts.programs): the resumed
+    # run traces neither the train step nor the init again, and ends bitwise where the
+    # uninterrupted run did.
+    assert "train_step" not in traced and "<lambda>" not in traced, traced
+    straight = checkpointing.Checkpointer(str(trained), async_save=False)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(out["state"].params),
+                 straight.restore_raw(NEW)["params"])
+    straight.close()
 
 
 def test_checkpoint_of_another_process_count_is_named(trained, tmp_path):

@@ -119,3 +119,26 @@ def test_lr_schedule_warmup_then_cosine_or_constant():
   const = config_base.override(c, {"optim.lr_schedule": "constant"})
   np.testing.assert_allclose([lr(const, s) for s in (5, 10, 55, 100, 10**6)],
                              [5e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+
+
+def test_programs_are_shared_by_configs_that_differ_in_run_only_fields():
+  """Seed, logging, checkpointing, evals and (under a constant schedule) the run's length do
+  not reach the programs: configs that differ only there get the same `ts.programs` (built
+  once per process); a change that does reach them, or the length under a cosine schedule,
+  gets its own. The programs are built from a config without those fields, so reading one
+  there would fail rather than be served another run's program."""
+  c = load_config("tiny")  # constant schedule
+  mesh = sharding.make_mesh(c)
+  run_only = config_base.override(c, {
+      "seed": 7, "num_train_steps": 3, "log_every_steps": 1, "checkpoint_every_steps": 1,
+      "keep_checkpoints": 1, "async_checkpointing": False, "compilation_cache_dir": "",
+      "evals.num_samples": 0, "evals.probe_every_steps": 5})
+  assert ts.program_config(run_only) == ts.program_config(c)
+  assert ts.programs(run_only, mesh) is ts.programs(c, mesh)
+  pc = ts.program_config(c)
+  assert not any(k in pc for k in ts.RUN_ONLY_FIELDS + ("num_train_steps",)), pc.keys()
+  assert ts.programs(config_base.override(c, {"optim.lr": 2e-3}), mesh) is not \
+      ts.programs(c, mesh)
+  cosine = config_base.override(c, {"optim.lr_schedule": "cosine"})
+  assert ts.program_config(config_base.override(cosine, {"num_train_steps": 3})) != \
+      ts.program_config(cosine)
