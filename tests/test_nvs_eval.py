@@ -47,7 +47,20 @@ def _tiny_model_and_variables(config):
 def test_nvs_evaluate_tiny(tmp_path):
   config = load_config("nvs_synthetic", "variant=tiny")
   model, variables = _tiny_model_and_variables(config)
-  out = nvs.evaluate(config, model, variables, str(tmp_path), step=7)
+  traced = []
+
+  def on_event(event, duration, fun_name=None, **_):  # pylint: disable=unused-argument
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      traced.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    out = nvs.evaluate(config, model, variables, str(tmp_path), step=7)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  # 1 and 3 views, no z and the turntable: one sampler program (w_z = 1; none if an earlier
+  # test of this process built it).
+  assert traced.count("_sample") <= 1, traced
   with open(tmp_path / "nvs_eval.json") as f:
     saved = json.load(f)
   assert saved == out
@@ -122,7 +135,7 @@ def test_rows_score_each_method_against_the_same_targets(tmp_path, monkeypatch):
   config = load_config("nvs_synthetic", "variant=tiny")
 
   def fake_sample_views(model, variables, source, source_rays, target_rays, rng, dcfg, mesh,
-                        use_latent=True):
+                        use_latent=True, **_):
     assert mesh is not None and mesh.size == jax.device_count()
     source = np.asarray(source)
     assert source.shape[0] == np.asarray(target_rays).shape[0]
@@ -188,3 +201,11 @@ def test_sample_views_in_chunks_over_the_mesh(monkeypatch):
   np.testing.assert_array_equal(out[:8], first)
   # The second chunk draws its own noise: its copy of objects 0-3 differs from the first's.
   assert np.abs(out[8:] - out[:4]).max() > 1e-3
+  # Padded to 3 views (masked out of z) the 1-view samples are the same up to float rounding
+  # (the encoder runs on 3x the images), and a padding row of the chunk does not poison them.
+  padded = nvs.sample_views(model, variables, source[:5], rays[:5], target_rays[:5], rng,
+                            config.diffusion, mesh, num_views=3, rows=8)
+  np.testing.assert_allclose(padded, first[:5], atol=1e-5)
+  with pytest.raises(ValueError, match="num_views=0 is fewer than the 1 source views"):
+    nvs.sample_views(model, variables, source, rays, target_rays, rng, config.diffusion, mesh,
+                     num_views=0)

@@ -81,15 +81,18 @@ CHUNK = 64  # examples per sampler call: bounded memory for NMR/SRN's hundreds o
 
 
 @functools.partial(multihost.compile_then_meet, name="nvs_sample")
-@functools.partial(jax.jit, static_argnames=("model", "use_latent", "schedule", "pred_type",
-                                             "num_steps", "eta", "w_z", "w_p", "clip_x0"))
-def _sample(model, variables, source, source_rays, target_rays, rng, *, use_latent, schedule,
-            pred_type, num_steps, eta, w_z, w_p, clip_x0):
-  _, z = model.apply(variables, source, source_rays=source_rays, method=soda.SODA.encode)
+@functools.partial(jax.jit, static_argnames=("model", "schedule", "pred_type", "num_steps", "eta",
+                                             "w_z", "w_p", "clip_x0"))
+def _sample(model, variables, source, source_rays, source_mask, target_rays, use_latent, rng, *,
+            schedule, pred_type, num_steps, eta, w_z, w_p, clip_x0):
+  # source_mask and use_latent are arrays, not static: 1 and K views, with and without z, share
+  # one compiled sampler (an NVS evaluation used to compile three).
+  _, z = model.apply(variables, source, source_rays=source_rays, source_mask=source_mask,
+                     method=soda.SODA.encode)
   b = target_rays.shape[0]
 
   def predict(x_t, t, use_z, use_pose):
-    keep = jnp.full((b, model.num_subvectors), use_z and use_latent)
+    keep = jnp.logical_and(jnp.full((b, model.num_subvectors), use_z), use_latent)
     return model.apply(variables, x_t, t, z, keep, None, jnp.full((b,), use_pose),
                        target_rays=target_rays, method=soda.SODA.denoise)
 
@@ -101,31 +104,51 @@ def _sample(model, variables, source, source_rays, target_rays, rng, *, use_late
   return jnp.clip(out, -1.0, 1.0)
 
 
+def chunk_rows(n: int, mesh: jax.sharding.Mesh) -> int:
+  """Examples per sampler call for n examples: at most CHUNK, a multiple of the mesh size."""
+  return min(CHUNK + (-CHUNK % mesh.size), n + (-n % mesh.size))
+
+
 def sample_views(model: soda.SODA, variables: Any, source, source_rays, target_rays,
                  rng: jax.Array, dcfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                 use_latent: bool = True) -> np.ndarray:
+                 use_latent: bool = True, num_views: Optional[int] = None,
+                 rows: Optional[int] = None) -> np.ndarray:
   """DDIM samples (B, H, W, C) of the target cameras `target_rays` (B, H, W, 6) given K source
   views (B, K, H, W, C) and their rays; use_latent=False drops z (the unconditional model).
 
+  num_views >= K pads the sources to that many views, masked out of the latent
+  (`SODA.encode`'s source_mask), and rows sets the examples per call (default
+  `chunk_rows(B, mesh)`): calls with the same num_views and rows share one compiled sampler.
   Host arrays in, host numpy out, the same on every process: every process passes the same
-  full arrays; each chunk of CHUNK examples is split over the mesh's devices (the params'
+  full arrays; each chunk of `rows` examples is split over the mesh's devices (the params'
   mesh, `sharding.make_mesh(config)`), sampled, and gathered back.
   """
   source, source_rays, target_rays = (np.asarray(a) for a in (source, source_rays, target_rays))
-  n = len(target_rays)
-  rows = min(CHUNK + (-CHUNK % mesh.size), n + (-n % mesh.size))
-  kwargs = dict(use_latent=bool(use_latent), schedule=dcfg.schedule, pred_type=dcfg.pred_type,
+  n, k = source.shape[:2]
+  num_views = k if num_views is None else int(num_views)
+  if num_views < k:
+    raise ValueError(f"num_views={num_views} is fewer than the {k} source views given")
+  pad = lambda a: np.concatenate([a, np.repeat(a[:, :1], num_views - k, axis=1)], axis=1)
+  source, source_rays = pad(source), pad(source_rays)  # real views, masked out of z
+  mask = np.arange(num_views)[None].repeat(n, axis=0) < k  # (B, num_views)
+  rows = chunk_rows(n, mesh) if rows is None else int(rows)
+  if rows % mesh.size:
+    raise ValueError(f"rows={rows} is not a multiple of the mesh's {mesh.size} devices")
+  kwargs = dict(schedule=dcfg.schedule, pred_type=dcfg.pred_type,
                 num_steps=int(dcfg.sample_steps), eta=float(dcfg.eta),
                 w_z=float(dcfg.w_z) if use_latent else 1.0,  # no z: guidance on it is moot
                 w_p=float(dcfg.w_p),
                 clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
+  flag = jax.device_put(np.bool_(use_latent), sharding.replicated(mesh))
   out = []
   for i, start in enumerate(range(0, n, rows)):
     part = slice(start, start + rows)
-    args = [sharding.batch_from_host(a[part], mesh, rows)[0]
-            for a in (source, source_rays, target_rays)]
+    # Padding rows count every view (a row with none would divide by zero in the encoder).
+    m = np.concatenate([mask[part], np.ones((rows - len(mask[part]), num_views), bool)])
+    args = [sharding.batch_from_host(a, mesh, rows)[0]
+            for a in (source[part], source_rays[part], m, target_rays[part])]
     chunk_rng = rng if i == 0 else jax.random.fold_in(rng, i)
-    sampled = _sample(model, variables, *args, chunk_rng, **kwargs)
+    sampled = _sample(model, variables, *args, flag, chunk_rng, **kwargs)
     out.append(np.asarray(multihost_utils.process_allgather(sampled, tiled=True))
                [:len(target_rays[part])])
   return np.concatenate(out)
@@ -140,10 +163,10 @@ def turntable_views(src: Any, index: int, num_cameras: int) -> np.ndarray:
 
 
 def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects: int,
-                   num_cameras: int, rng: jax.Array, dcfg,
-                   mesh: jax.sharding.Mesh) -> Optional[np.ndarray]:
+                   num_cameras: int, rng: jax.Array, dcfg, mesh: jax.sharding.Mesh,
+                   rows: Optional[int] = None) -> Optional[np.ndarray]:
   """uint8 grid, a row per object: its K source views | (true view, sample) at num_cameras
-  target cameras around it (`turntable_views`)."""
+  target cameras around it (`turntable_views`); rows as in `sample_views`."""
   g = min(int(num_objects), len(ex["index"]))
   if g == 0 or num_cameras == 0:
     return None
@@ -157,7 +180,7 @@ def turntable_grid(model, variables, src, ex: Dict[str, np.ndarray], num_objects
   trues, rays = np.stack(trues), np.stack(rays)  # (G, T, S, S, 3 | 6)
   rep = lambda a: np.repeat(a[:g], num_cameras, axis=0)  # (G * T, ...) object-major
   samples = sample_views(model, variables, rep(ex["source"]), rep(ex["source_rays"]),
-                         rays.reshape((-1,) + rays.shape[2:]), rng, dcfg, mesh)
+                         rays.reshape((-1,) + rays.shape[2:]), rng, dcfg, mesh, rows=rows)
   samples = samples.reshape(trues.shape)
   columns = [ex["source"][:g, j] for j in range(ex["source"].shape[1])]
   for j in range(num_cameras):
@@ -192,13 +215,17 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
   if mesh is None:
     mesh = sharding.make_mesh(config)
   target = ex["target"]
+  # Every sampler call below (K views, no z, the turntable) pads to K_max views and one chunk
+  # size: one compiled program when w_z = 1, two otherwise (the z-free rows sample at w_z = 1).
+  same = dict(num_views=max(ks), rows=chunk_rows(len(target), mesh))
   one = slice(0, 1)
   uncond = scores(sample_views(model, variables, ex["source"][:, one], ex["source_rays"][:, one],
-                               ex["target_rays"], rng, dcfg, mesh, use_latent=False), target)
+                               ex["target_rays"], rng, dcfg, mesh, use_latent=False, **same),
+                  target)
   results = {}
   for k in ks:
     sampled = sample_views(model, variables, ex["source"][:, :k], ex["source_rays"][:, :k],
-                           ex["target_rays"], rng, dcfg, mesh)
+                           ex["target_rays"], rng, dcfg, mesh, **same)
     near, _ = nearest_view(ex["source"][:, :k], ex["source_centres"][:, :k], ex["target_centre"])
     results[f"k{k}"] = {"soda": scores(sampled, target), "nearest_view": scores(near, target),
                         "unconditional": dict(uncond)}
@@ -207,7 +234,7 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, variables: Any
              sample_steps=int(dcfg.sample_steps), w_z=float(dcfg.w_z), w_p=float(dcfg.w_p),
              source_views=list(ks), seed=int(ev.nvs_seed), results=results)
   grid = turntable_grid(model, variables, src, ex, ev.nvs_grid_objects, ev.nvs_turntable,
-                        jax.random.fold_in(rng, 1), dcfg, mesh=mesh)
+                        jax.random.fold_in(rng, 1), dcfg, mesh=mesh, rows=same["rows"])
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "nvs_eval.json"), "w") as f:
