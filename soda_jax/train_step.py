@@ -108,6 +108,12 @@ def _init_boxed(model, tx, config, rng):
                     opt_state=tx.init(params), ema_params=params, ema_batch_stats=stats)
 
 
+def _init_state(model, tx, config, rng) -> TrainState:
+  """The state as plain arrays: what `create_state` and `programs` compile (named, so compile
+  reports list it apart from other jitted lambdas)."""
+  return nn.meta.unbox(_init_boxed(model, tx, config, rng))
+
+
 def abstract_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
   """The state as `jax.ShapeDtypeStruct`s with their shardings (no array is allocated).
 
@@ -128,7 +134,7 @@ def create_state(model, tx, config, mesh, rng) -> Tuple[TrainState, Any, int]:
   Returns (state, state_shardings, number of leaves replicated because a dim was not divisible).
   """
   _, shardings, num_replicated = abstract_state(model, tx, config, mesh, rng)
-  state = compile_once.run(lambda r: nn.meta.unbox(_init_boxed(model, tx, config, r)), rng,
+  state = compile_once.run(functools.partial(_init_state, model, tx, config), rng,
                            out_shardings=shardings)
   return state, shardings, num_replicated
 
@@ -233,9 +239,8 @@ def _programs(config: ml_collections.FrozenConfigDict, mesh: jax.sharding.Mesh) 
 
   def init(rng):  # a resumed run never compiles it
     if not compiled:
-      compiled.append(compile_once.compile(
-          lambda r: nn.meta.unbox(_init_boxed(model, tx, config, r)), rng,
-          out_shardings=shardings))
+      compiled.append(compile_once.compile(functools.partial(_init_state, model, tx, config),
+                                           rng, out_shardings=shardings))
     return compiled[0](rng)
 
   return Programs(model, tx, abstract, shardings, num_replicated, init,
