@@ -14,6 +14,7 @@ import pytest
 
 from soda_jax import checkpointing, config_base, train, train_step as ts
 from soda_jax.data import pipeline
+from tests import traces
 from tests.test_config_checks import ROOT, load_config
 
 # The tiny runs (this module's fixture, resume, SIGTERM, the quickstart notebook) share one xdist
@@ -94,17 +95,8 @@ def test_damaged_newest_checkpoint_falls_back_to_intact_one(trained, tmp_path, h
   assert any("Moved the damaged checkpoint step" in m for m in messages), messages
   ckpt.close()
   if how == "truncate":  # resume through the damaged step's number: saved again, intact
-    traced = []
-
-    def on_event(event, duration, fun_name=None, **_):  # pylint: disable=unused-argument
-      if event == "/jax/core/compile/jaxpr_trace_duration":
-        traced.append(fun_name)
-
-    jax.monitoring.register_event_duration_secs_listener(on_event)
-    try:
+    with traces.traced_functions() as traced:
       out = train.train_and_evaluate(config, str(workdir))
-    finally:
-      jax.monitoring.unregister_event_duration_listener(on_event)
     assert out["step"] == NEW and checkpointing.steps_on_disk(workdir) == [OLD, NEW]
     # The fixture's run built this config's programs in this process (ts.programs): the resumed
     # run traces neither the train step nor the init again, and ends bitwise where the

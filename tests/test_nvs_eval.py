@@ -14,6 +14,7 @@ from soda_jax import compile_once, config_base, sharding, train, train_step as t
 from soda_jax.data import cameras, multiview, sources
 from soda_jax.evaluate import metrics, nvs
 from soda_jax.models import soda
+from tests import traces
 from tests.random_params import perturbed
 from tests.test_config_checks import ROOT, load_config
 
@@ -47,17 +48,8 @@ def _tiny_model_and_variables(config):
 def test_nvs_evaluate_tiny(tmp_path):
   config = load_config("nvs_synthetic", "variant=tiny")
   model, variables = _tiny_model_and_variables(config)
-  traced = []
-
-  def on_event(event, duration, fun_name=None, **_):  # pylint: disable=unused-argument
-    if event == "/jax/core/compile/jaxpr_trace_duration":
-      traced.append(fun_name)
-
-  jax.monitoring.register_event_duration_secs_listener(on_event)
-  try:
+  with traces.traced_functions() as traced:
     out = nvs.evaluate(config, model, variables, str(tmp_path), step=7)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(on_event)
   # 1 and 3 views, no z and the turntable: one sampler program (w_z = 1; none if an earlier
   # test of this process built it).
   assert traced.count("_sample") <= 1, traced
