@@ -128,8 +128,9 @@ def sample_views(model: soda.SODA, variables: Any, source, source_rays, target_r
   num_views = k if num_views is None else int(num_views)
   if num_views < k:
     raise ValueError(f"num_views={num_views} is fewer than the {k} source views given")
-  pad = lambda a: np.concatenate([a, np.repeat(a[:, :1], num_views - k, axis=1)], axis=1)
-  source, source_rays = pad(source), pad(source_rays)  # real views, masked out of z
+  if num_views > k:  # real views (the first), masked out of z
+    pad = lambda a: np.concatenate([a, np.repeat(a[:, :1], num_views - k, axis=1)], axis=1)
+    source, source_rays = pad(source), pad(source_rays)
   mask = np.arange(num_views)[None].repeat(n, axis=0) < k  # (B, num_views)
   rows = chunk_rows(n, mesh) if rows is None else int(rows)
   if rows % mesh.size:
@@ -139,7 +140,7 @@ def sample_views(model: soda.SODA, variables: Any, source, source_rays, target_r
                 w_z=float(dcfg.w_z) if use_latent else 1.0,  # no z: guidance on it is moot
                 w_p=float(dcfg.w_p),
                 clip_x0=None if dcfg.get("clip_x0") is None else float(dcfg.clip_x0))
-  flag = jax.device_put(np.bool_(use_latent), sharding.replicated(mesh))
+  flag = np.bool_(use_latent)  # an argument like rng: traced, so True and False share a program
   out = []
   for i, start in enumerate(range(0, n, rows)):
     part = slice(start, start + rows)
