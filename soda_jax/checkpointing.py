@@ -208,20 +208,28 @@ class Checkpointer:
   def _where(self, step: int) -> str:
     return f"Checkpoint step {step} in {self.directory}"
 
+  def array_metadata(self, step: int) -> Any:
+    """The saved state's tree of Orbax `ArrayMetadata`, read without any array data: each leaf's
+    shape, dtype, the sharding it was saved with (`.sharding`: mesh shape, axis names,
+    partition spec) and its stored chunk (`.storage.chunk_shape`, one device's shard)."""
+    stored = self._manager.item_metadata(step)["state"]
+    if stored is None:  # Orbax returns None, not an error, when state/_METADATA is missing
+      raise DamagedCheckpointError(f"{self._where(step)} is damaged (no array metadata: "
+                                   "state/_METADATA is missing or unreadable)")
+    return getattr(stored, "tree", stored)
+
   def check_compatible(self, step: int, abstract_state: Any,
                        config: Optional[ml_collections.ConfigDict]) -> None:
     """Raise ConfigMismatchError if `step` was written by another model config or shapes."""
     try:
       saved = self._manager.restore(
           step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-      stored = self._manager.item_metadata(step)["state"]
-      stored = getattr(stored, "tree", stored)
+      stored = self.array_metadata(step)
+    except DamagedCheckpointError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       raise DamagedCheckpointError(
           f"{self._where(step)} is damaged ({type(e).__name__}: {_first_line(e)})") from e
-    if stored is None:  # Orbax returns None, not an error, when state/_METADATA is missing
-      raise DamagedCheckpointError(f"{self._where(step)} is damaged (no array metadata: "
-                                   "state/_METADATA is missing or unreadable)")
     diff = config_diff(saved, config) if config is not None else {}
     # A key the checkpoint lacks was added to the schema after it was written; at its default
     # (which keeps the old behaviour) it is no difference, so upgrading does not orphan workdirs.
@@ -342,10 +350,7 @@ class Checkpointer:
     A numpy target built from the stored metadata; without one, Orbax restores jax arrays onto
     the devices that wrote them and refuses ("Topology mismatch") when those are not here.
     """
-    stored = self._manager.item_metadata(step)["state"]
-    if stored is None:
-      raise DamagedCheckpointError(f"{self._where(step)} is damaged (no array metadata)")
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(stored, "tree", stored))
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), self.array_metadata(step))
     return self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 

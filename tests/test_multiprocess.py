@@ -4,13 +4,13 @@ collectives, each process reading its own share of the data (launch/local_multip
 One test, four launches of both processes. Launch (a) compiles each program once (process 0
 compiles and hands the binary over); the restarts load them from the suite's persistent cache
 on both processes (multihost.share_cpu_compilation_cache; 128 s cold, alone, on a 2-core AMD
-EPYC). (a) a
-straight run, whose end-of-run sample grid and probe table only process 0 writes (d); (c)
-SIGTERM to ONE process: both stop at the same step, save it and exit 0; (b) the restart
-resumes there, both processes are SIGKILLed after its next checkpoint, and the next restart
-ends with params bitwise equal to (a)'s. Checkpoints are saved asynchronously, as in real runs
-(the product default; session 5's async hang no longer occurs). Every wait has a timeout, and
-the process group is killed on the way out.
+EPYC). (a) a straight run, whose end-of-run sample grid and probe table only process 0 writes
+(d); (c) SIGTERM to ONE process: both stop at the same step, save it and exit 0; (b) the
+restart resumes there, both processes are SIGKILLed after its next checkpoint, and the next
+restart ends with params bitwise equal to (a)'s. (a)'s checkpoint also shows the layout a real
+(2, 4) run saves (the suite's only train step on an FSDP mesh). Checkpoints are saved
+asynchronously, as in real runs (the product default; session 5's async hang no longer occurs).
+Every wait has a timeout, and the process group is killed on the way out.
 """
 import os
 import signal
@@ -24,6 +24,7 @@ import pytest
 
 from soda_jax import checkpointing
 from tests.test_config_checks import ROOT
+from tests.test_train import check_rule_layout
 
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 TIMEOUT = int(os.environ.get("SODA_MP_TIMEOUT", "900"))  # per launch; 2 busy cores are slow
@@ -101,6 +102,15 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   assert f"SODA after {STEPS} steps" in run.log(0) and "SODA after" not in run.log(1)
   assert "process 1/2" in run.log(1) and "Mesh {'data': 2, 'fsdp': 4}" in run.log(0)
   assert len([f for f in os.listdir(a) if f.startswith("events.out")]) == 1  # process 0 only
+  # The state after real steps on the 2-process (2, 4) mesh was saved in the rules' layout:
+  # FSDP-split kernels, their Adam moments and EMA copies; small ones whole on every device.
+  ckpt = checkpointing.Checkpointer(str(a), async_save=False)
+  meta = ckpt.array_metadata(STEPS)
+  ckpt.close()
+  layout = meta["params"]["encoder"]["layer4_1"]["conv2"]["kernel"].sharding
+  assert list(layout.shape) == [2, 4] and list(layout.axis_names) == ["data", "fsdp"], layout
+  check_rule_layout((meta["params"], meta["opt_state"][1][0]["mu"], meta["ema_params"]), 4,
+                    lambda m: m.sharding.partition_spec, lambda m: m.storage.chunk_shape)
 
   # (c): SIGTERM to process 1 only, as soon as both train -> both stop at the same step s,
   # save it and exit 0. The schedule is constant after warm-up (tiny.py), so a run told

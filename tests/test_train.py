@@ -9,9 +9,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from soda_jax import checkpointing, config_base, train
+from soda_jax import checkpointing, config_base, sharding, train, train_step
 from tests.test_config_checks import ROOT, load_config
 
 
@@ -25,32 +24,53 @@ def _leaf(tree, *path):
   return tree
 
 
+# The tiny state's layout under the sharding rules, on a mesh with `fsdp` devices on that axis:
+# an encoder conv kernel (3, 3, 64, 64), 36864 elements, has its output channels split over
+# 'fsdp', and so do its Adam moments and its EMA copy; a decoder conv kernel (3, 3, 16, 16) is
+# under mesh.min_shard_elements (2**14) and stays whole on every device, moments included.
+BIG = ("encoder", "layer4_1", "conv2", "kernel")
+SMALL = ("decoder", "down_0_res_0", "conv_0", "kernel")
+
+
+def check_rule_layout(trees, fsdp, spec, shard_shape):
+  """`trees`: params, Adam mu and EMA params, in any form (arrays, abstract arrays, checkpoint
+  metadata); `spec(leaf)` its partition spec as a tuple, `shard_shape(leaf)` one device's part."""
+  for tree in trees:
+    assert tuple(spec(_leaf(tree, *BIG))) == (None, None, None, "fsdp")
+    assert tuple(shard_shape(_leaf(tree, *BIG))) == (3, 3, 64, 64 // fsdp)
+    assert tuple(spec(_leaf(tree, *SMALL))) == ()
+    assert tuple(shard_shape(_leaf(tree, *SMALL))) == (3, 3, 16, 16)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_shape", [(2, 4), (8, 1)])
-def test_one_step_is_sharded_as_the_rules_say(tmp_path, mesh_shape):
-  c = _tiny(**{"num_train_steps": 1, "mesh.shape": mesh_shape, "evals.num_samples": 0})
+def test_one_step_is_sharded_as_the_rules_say(tmp_path):
+  """A train step on the (8, 1) mesh keeps the state in the rules' layout. The same on a (2, 4)
+  mesh, for real across two processes: test_multiprocess.py reads the layout its checkpoints
+  were saved with; test_fsdp_layout_follows_the_rules checks the rules there without compiling."""
+  c = _tiny(**{"num_train_steps": 1, "mesh.shape": (8, 1), "evals.num_samples": 0})
   out = train.train_and_evaluate(c, str(tmp_path))
   state = out["state"]
   assert int(state.step) == 1
-  fsdp = mesh_shape[1]
-  # An encoder conv kernel (3, 3, 64, 64), 36864 elements: output channels over 'fsdp'.
-  k = _leaf(state.params, "encoder", "layer4_1", "conv2", "kernel")
-  assert k.sharding.spec == P(None, None, None, "fsdp")
-  assert k.addressable_shards[0].data.shape == (3, 3, 64, 64 // fsdp)
-  # The same sharding for its Adam moments and its EMA copy.
   mu = state.opt_state[1][0].mu  # chain: (clip, adamw=(scale_by_adam, ...))
-  assert _leaf(mu, "encoder", "layer4_1", "conv2", "kernel").sharding.spec == k.sharding.spec
-  assert _leaf(state.ema_params, "encoder", "layer4_1", "conv2",
-               "kernel").sharding.spec == k.sharding.spec
-  # A decoder conv kernel (3, 3, 16, 16) is under mesh.min_shard_elements (2**14): whole on
-  # every device, as are its moments.
-  small = _leaf(state.params, "decoder", "down_0_res_0", "conv_0", "kernel")
-  assert small.sharding.spec == P() and small.addressable_shards[0].data.shape == small.shape
-  assert _leaf(mu, "decoder", "down_0_res_0", "conv_0", "kernel").sharding.spec == P()
+  check_rule_layout((state.params, mu, state.ema_params), 1, lambda a: a.sharding.spec,
+                    lambda a: a.addressable_shards[0].data.shape)
   # The loss was logged and is finite.
   (step, summary), = out["history"]
   assert step == 1 and np.isfinite(summary["loss"])
   assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "1"))
+
+
+def test_fsdp_layout_follows_the_rules():
+  """On a (2, 4) mesh the state that init and the train step are compiled to produce (their
+  out_shardings) splits what the rules say over 'fsdp', nothing compiled."""
+  c = _tiny(**{"mesh.shape": (2, 4)})
+  model, tx = train_step.build_model(c), train_step.make_optimizer(c)
+  abstract, shardings, _ = train_step.abstract_state(
+      model, tx, c, sharding.make_mesh(c), jax.ShapeDtypeStruct((2,), np.uint32))
+  assert jax.tree.leaves(shardings) == [a.sharding for a in jax.tree.leaves(abstract)]
+  mu = abstract.opt_state[1][0].mu
+  check_rule_layout((abstract.params, mu, abstract.ema_params), 4, lambda a: a.sharding.spec,
+                    lambda a: a.sharding.shard_shape(a.shape))
 
 
 @pytest.mark.slow
