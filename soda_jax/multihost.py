@@ -10,6 +10,7 @@ coordination service (started by `jax.distributed.initialize`, timeout ours), th
 """
 import hashlib
 import itertools
+import json
 import os
 import platform
 import socket
@@ -69,6 +70,29 @@ def _exchange(value: str, key: str) -> List[str]:
 def _all_processes_agree(value: str, name: str) -> bool:
   """Whether every process passed the same `value`."""
   return all(v == value for v in _exchange(value, f"soda/{name}"))
+
+
+_from_process_0_ids = itertools.count()  # the same sequence on every process
+
+
+def computed_on_process_0(fn: Callable[[], Any], name: str) -> Any:
+  """`fn()` computed on process 0 only; its JSON-able result reaches every other process
+  through the coordination service's key-value store (no collectives).
+
+  For host-local work whose inputs every process holds and whose result they all return: the
+  end-of-run linear probe and k-NN fits on replicated features. Each process used to compile
+  and fit the same probes; with several processes on one host (launch/local_multiprocess.sh)
+  that is the same compile N times on shared cores. With one process: `fn()`.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  client = distributed.global_state.client
+  key = f"soda/from_process_0/{name}/{next(_from_process_0_ids)}"
+  if jax.process_index() == 0:
+    value = fn()
+    client.key_value_set(key, json.dumps(value))
+    return value
+  return json.loads(client.blocking_key_value_get(key, BARRIER_TIMEOUT_S * 1000))
 
 
 _all_true_ids = itertools.count()  # the same sequence on every process

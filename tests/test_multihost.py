@@ -2,6 +2,7 @@
 process meets at a barrier, then it runs; the run itself reuses that compile. (The real
 2-process behaviour is tests/test_multiprocess.py; here process_count and the barrier are faked.)"""
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -130,3 +131,39 @@ def test_share_cpu_compilation_cache_keys_and_binary_sharing(monkeypatch, one_ho
   finally:
     jax.config.update("jax_share_binary_between_hosts", share[0])
     jax.config.update("jax_share_binary_between_hosts_timeout_ms", share[1])
+
+
+class _FakeKeyValueStore:
+  def __init__(self):
+    self.values = {}
+
+  def key_value_set(self, key, value):
+    assert key not in self.values, key  # each key is written once
+    self.values[key] = value
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    assert timeout_ms > 0
+    return self.values[key]
+
+
+def test_computed_on_process_0_runs_once_and_every_process_returns_its_numbers(monkeypatch):
+  """Process 0 computes and publishes; process 1 returns the same numbers (floats exactly,
+  through JSON) without calling fn; one process just calls fn."""
+  calls = []
+
+  def fit():
+    calls.append(jax.process_index())
+    return {"probe_top1_h": 0.1 + 0.2, "knn_top1_z": 1 / 3}
+
+  assert multihost.computed_on_process_0(fit, "probe") == fit() and calls == [0, 0]
+  store = _FakeKeyValueStore()
+  monkeypatch.setattr(multihost.distributed.global_state, "client", store)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  results = []
+  for index in (0, 1):  # each fake process with its own key sequence, two evaluations each
+    monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+    monkeypatch.setattr(multihost, "_from_process_0_ids", itertools.count())
+    results += [multihost.computed_on_process_0(fit, "probe") for _ in range(2)]
+  assert calls == [0, 0, 0, 0]  # process 1 never fitted
+  assert all(r == {"probe_top1_h": 0.1 + 0.2, "knn_top1_z": 1 / 3} for r in results)
+  assert len(store.values) == 2  # a key per evaluation, not reused

@@ -103,7 +103,9 @@ def evaluate(config: ml_collections.ConfigDict, model: soda.SODA, state, mesh,
   bs = max(config.batch_size, 256)
   train_f = extract_features(model, variables, train["image"], mesh, bs)
   test_f = extract_features(model, variables, test["image"], mesh, bs)
-  out = probe_features(train_f, train["label"], test_f, test["label"], num_classes)
+  # Every process holds the same (replicated) features: fitted once, numbers sent to the rest.
+  out = multihost.computed_on_process_0(functools.partial(
+      probe_features, train_f, train["label"], test_f, test["label"], num_classes), "probe")
   if recon_examples:
     # Same images on every process -> one global array split over the mesh (works across
     # processes); rows >= n are padding.
