@@ -89,10 +89,18 @@ def computed_on_process_0(fn: Callable[[], Any], name: str) -> Any:
   client = distributed.global_state.client
   key = f"soda/from_process_0/{name}/{next(_from_process_0_ids)}"
   if jax.process_index() == 0:
-    value = fn()
-    client.key_value_set(key, json.dumps(value))
+    try:
+      value = fn()
+      message = json.dumps({"value": value})
+    except Exception as e:  # the others stop now with its reason, not at the wait's timeout
+      client.key_value_set(key, json.dumps({"error": f"{type(e).__name__}: {e}"}))
+      raise
+    client.key_value_set(key, message)
     return value
-  return json.loads(client.blocking_key_value_get(key, BARRIER_TIMEOUT_S * 1000))
+  message = json.loads(client.blocking_key_value_get(key, BARRIER_TIMEOUT_S * 1000))
+  if "error" in message:
+    raise RuntimeError(f"{name} failed on process 0: {message['error']}")
+  return message["value"]
 
 
 _all_true_ids = itertools.count()  # the same sequence on every process

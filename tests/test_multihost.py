@@ -167,3 +167,20 @@ def test_computed_on_process_0_runs_once_and_every_process_returns_its_numbers(m
   assert calls == [0, 0, 0, 0]  # process 1 never fitted
   assert all(r == {"probe_top1_h": 0.1 + 0.2, "knn_top1_z": 1 / 3} for r in results)
   assert len(store.values) == 2  # a key per evaluation, not reused
+
+
+def test_computed_on_process_0_failure_reaches_the_other_processes(monkeypatch):
+  """fn failing on process 0 (or returning what JSON cannot hold) raises there and, with its
+  reason, on the others at once, instead of leaving them waiting for a value."""
+  store = _FakeKeyValueStore()
+  monkeypatch.setattr(multihost.distributed.global_state, "client", store)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for index in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+    monkeypatch.setattr(multihost, "_from_process_0_ids", itertools.count())
+    with pytest.raises(ValueError if index == 0 else RuntimeError) as e:
+      multihost.computed_on_process_0(lambda: int("x"), "probe")
+    if index == 1:
+      assert str(e.value).startswith("probe failed on process 0: ValueError: invalid literal")
+    with pytest.raises(TypeError if index == 0 else RuntimeError, match="not JSON|TypeError"):
+      multihost.computed_on_process_0(lambda: {"a": object()}, "probe")
