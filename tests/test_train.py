@@ -61,13 +61,12 @@ def test_one_step_is_sharded_as_the_rules_say(tmp_path):
 
 
 def test_fsdp_layout_follows_the_rules():
-  """On a (2, 4) mesh the state that init and the train step are compiled to produce (their
-  out_shardings) splits what the rules say over 'fsdp', nothing compiled."""
+  """On a (2, 4) mesh the abstract state (the restore target; its shardings are the init's and
+  the train step's out_shardings) splits what the rules say over 'fsdp', nothing compiled."""
   c = _tiny(**{"mesh.shape": (2, 4)})
   model, tx = train_step.build_model(c), train_step.make_optimizer(c)
-  abstract, shardings, _ = train_step.abstract_state(
+  abstract, _, _ = train_step.abstract_state(
       model, tx, c, sharding.make_mesh(c), jax.ShapeDtypeStruct((2,), np.uint32))
-  assert jax.tree.leaves(shardings) == [a.sharding for a in jax.tree.leaves(abstract)]
   mu = abstract.opt_state[1][0].mu
   check_rule_layout((abstract.params, mu, abstract.ema_params), 4, lambda a: a.sharding.spec,
                     lambda a: a.sharding.shard_shape(a.shape))
