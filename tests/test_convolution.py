@@ -1,13 +1,10 @@
-"""The conv with a per-tap weight gradient (models/convolution.py) against XLA's own."""
-import os
-import subprocess
-import sys
-
+"""The conv with a chunked weight gradient on CPU (models/convolution.py) against XLA's own."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from soda_jax.models import convolution, layers, resnet
 
@@ -26,6 +23,13 @@ def _grads(conv_fn, x, w, stride, padding):
       conv_fn, x, w, stride, padding, cot)
 
 
+@pytest.fixture
+def tiny_l2(monkeypatch):
+  """An L2 of 1 KiB: every test batch is split into chunks (the real budget is MiBs)."""
+  monkeypatch.setenv(convolution.ENV, "chunks")
+  monkeypatch.setattr(convolution, "l2_bytes", lambda: 1024)
+
+
 # (H, W, kernel, stride, padding): 'SAME' at stride 2 on an even size pads (0, 1), torchvision's
 # explicit k // 2 pads both sides, 7x7/2 is the imagenet stem, 1x1/2 the downsample shortcut.
 CASES = [(9, 9, 3, 1, "SAME"), (8, 8, 3, 2, "SAME"), (8, 8, 3, 2, ((1, 1), (1, 1))),
@@ -34,11 +38,15 @@ CASES = [(9, 9, 3, 1, "SAME"), (8, 8, 3, 2, "SAME"), (8, 8, 3, 2, ((1, 1), (1, 1
 
 
 @pytest.mark.parametrize("h,w,k,stride,padding", CASES)
-def test_tap_gradients_match_xla(h, w, k, stride, padding, monkeypatch):
-  monkeypatch.setenv(convolution.ENV, "taps")
+def test_chunked_gradients_match_xla(h, w, k, stride, padding, tiny_l2):
   rng = np.random.RandomState(0)
-  x = jnp.asarray(rng.randn(2, h, w, 3), jnp.float32)
+  # 16 examples over the 8 test devices: 8 blocks of 2, chunks of 1 -> two chunk convs.
+  x = jnp.asarray(rng.randn(16, h, w, 3), jnp.float32)
   kern = jnp.asarray(rng.randn(k, k, 3, 5), jnp.float32)
+  pads = lax.padtype_to_pads((h, w), (k, k), (stride, stride), padding) if isinstance(
+      padding, str) else padding
+  assert convolution.weight_grad_chunks(x.shape, kern.shape, (stride, stride), pads,
+                                        jnp.float32) == (8, 1)
   want_x, want_w = _grads(lax.conv_general_dilated, x, kern, stride, padding)
   got_x, got_w = _grads(convolution.conv_general_dilated, x, kern, stride, padding)
   np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-4)
@@ -50,76 +58,130 @@ def test_tap_gradients_match_xla(h, w, k, stride, padding, monkeypatch):
       y, lax.conv_general_dilated(x, kern, (stride, stride), padding, dimension_numbers=_DN))
 
 
-def _compiled_convs(mode, monkeypatch):
-  """Convolutions in the compiled gradient of one layers.conv: forward + input gradient (+ the
-  weight gradient when XLA computes it)."""
-  monkeypatch.setenv(convolution.ENV, mode)
-  mod = layers.conv(4)
-  x = jnp.ones((2, 6, 6, 3), jnp.float32)
-  params = mod.init(jax.random.PRNGKey(0), x)
+def test_chunk_sizes_follow_the_budget_and_the_devices():
+  pads = ((1, 1), (1, 1))
+  # 32 px, 128 -> 128, float32: 512 KiB of input + 512 KiB of cotangent per example.
+  per_example = 2 * 32 * 32 * 128 * 4
+  chunks = lambda n, budget: convolution.weight_grad_chunks(  # noqa: E731
+      (n, 32, 32, 128), (3, 3, 128, 128), (1, 1), pads, jnp.float32, budget)
+  assert chunks(16, 2 * per_example) == (8, 2)  # 8 devices: blocks of 2, both fit
+  assert chunks(64, 2 * per_example) == (8, 2)  # blocks of 8: chunks of 2
+  assert chunks(64, 3 * per_example) == (8, 2)  # 3 does not divide 8
+  assert chunks(64, 4 * per_example) == (8, 4)
+  assert chunks(64, per_example - 1) == (8, 1)  # not even one fits: one at a time
+  assert chunks(6, per_example) == (2, 1)  # gcd(6, 8) = 2 blocks of 3
+  # bfloat16 halves the bytes; a stride-2 conv's cotangent is a quarter of its input.
+  assert convolution.weight_grad_chunks((64, 32, 32, 128), (3, 3, 128, 128), (1, 1), pads,
+                                        jnp.bfloat16, per_example) == (8, 2)
+  assert convolution.weight_grad_chunks((64, 32, 32, 128), (3, 3, 128, 128), (2, 2),
+                                        ((0, 1), (0, 1)), jnp.float32,
+                                        per_example * 5 // 8) == (8, 1)
+  assert convolution.weight_grad_chunks((64, 32, 32, 128), (3, 3, 128, 128), (2, 2),
+                                        ((0, 1), (0, 1)), jnp.float32,
+                                        per_example * 5 // 4) == (8, 2)
 
-  def loss(p, x):
-    return jnp.sum(mod.apply(p, x) ** 2)
 
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  hlo = grad.lower(params, x).compile().as_text()
-  return hlo.count(" convolution("), grad(params, x)
+def test_l2_bytes_is_read_from_the_machine():
+  l2 = convolution.l2_bytes()
+  assert l2 >= 64 * 1024 and l2 % 1024 == 0
 
 
-def test_weight_gradient_is_not_a_convolution_on_the_tap_path(monkeypatch):
-  n_taps, g_taps = _compiled_convs("taps", monkeypatch)
-  n_xla, g_xla = _compiled_convs("xla", monkeypatch)
-  assert (n_taps, n_xla) == (2, 3)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g_taps, g_xla)
+def test_chunks_on_a_sharded_batch_need_one_all_reduce_and_no_resharding(tiny_l2):
+  """Each chunk takes rows of every device's block: the compiled gradient of a conv whose batch
+  is split over the 8 devices moves no activations between devices and sums the weight gradient
+  with one all-reduce, as XLA's own does."""
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))
+  x = jax.device_put(jnp.asarray(np.random.RandomState(0).randn(32, 6, 6, 3), jnp.float32),
+                     NamedSharding(mesh, P("data")))
+  kern = jnp.asarray(np.random.RandomState(1).randn(3, 3, 3, 4), jnp.float32)
+  assert convolution.weight_grad_chunks(x.shape, kern.shape, (1, 1), ((1, 1),) * 2,
+                                        jnp.float32) == (8, 1)  # 4 chunk convs per device
+
+  def loss(conv_fn, w, x):
+    return jnp.sum(conv_fn(x, w, (1, 1), "SAME", dimension_numbers=_DN) ** 2)
+
+  grads = {}
+  for name, fn in (("chunks", convolution.conv_general_dilated), ("xla", lax.conv_general_dilated)):
+    step = jax.jit(jax.grad(lambda w, x, fn=fn: loss(fn, w, x)),
+                   out_shardings=NamedSharding(mesh, P()))
+    hlo = step.lower(kern, x).compile().as_text()
+    assert hlo.count(" all-reduce(") == 1, name
+    for op in ("all-gather(", "all-to-all(", "collective-permute("):
+      assert op not in hlo, (name, op)
+    grads[name] = step(kern, x)
+  assert hlo.count(" convolution(") == 2  # XLA's: the forward and one weight-gradient conv
+  np.testing.assert_allclose(grads["chunks"], grads["xla"], rtol=1e-5, atol=1e-4)
+  # What the check above guards against: chunks of the global batch (shards=1) straddle the
+  # devices' blocks, and the partitioner moves activations between devices to build them.
+  g = jnp.ones((32, 6, 6, 4))
+  glob = jax.jit(lambda x, g: convolution.chunked_weight_grad(
+      x, g, kern, (1, 1), ((1, 1),) * 2, None, shards=1, chunk=4),
+                 out_shardings=NamedSharding(mesh, P()))
+  hlo = glob.lower(x, jax.device_put(g, x.sharding)).compile().as_text()
+  assert "collective-permute(" in hlo or "all-gather(" in hlo or "all-to-all(" in hlo
 
 
-def test_bfloat16_kernel_gets_a_bfloat16_gradient(monkeypatch):
-  monkeypatch.setenv(convolution.ENV, "taps")
-  x = jnp.ones((2, 6, 6, 3), jnp.bfloat16)
+def test_weight_gradient_is_one_conv_per_chunk(tiny_l2, monkeypatch):
+  """Compiled gradient of one layers.conv: forward + input gradient + one weight-gradient conv
+  per chunk (16 examples on 8 devices, chunks of 1: 2), or XLA's one."""
+  def compiled(mode):
+    monkeypatch.setenv(convolution.ENV, mode)
+    mod = layers.conv(4)
+    x = jnp.ones((16, 6, 6, 3), jnp.float32)
+    params = mod.init(jax.random.PRNGKey(0), x)
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(mod.apply(p, x) ** 2), argnums=(0, 1)))
+    return grad.lower(params, x).compile().as_text().count(" convolution("), grad(params, x)
+
+  n_chunks, g_chunks = compiled("chunks")
+  n_xla, g_xla = compiled("xla")
+  assert (n_chunks, n_xla) == (4, 3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g_chunks,
+               g_xla)
+
+
+def test_a_batch_that_fits_keeps_xlas_gradient(monkeypatch):
+  """With the machine's real L2, a small conv is differentiated by XLA alone: same program."""
+  monkeypatch.setenv(convolution.ENV, "chunks")
+  x = jnp.ones((16, 6, 6, 3))
+  w = jnp.ones((3, 3, 3, 4))
+  f = lambda fn: lambda w: jnp.sum(fn(x, w, (1, 1), "SAME", dimension_numbers=_DN))  # noqa: E731
+  assert (str(jax.make_jaxpr(jax.grad(f(convolution.conv_general_dilated)))(w))
+          == str(jax.make_jaxpr(jax.grad(f(lax.conv_general_dilated)))(w)))
+
+
+def test_bfloat16_kernel_gets_a_bfloat16_gradient(tiny_l2):
+  x = jnp.ones((16, 6, 6, 3), jnp.bfloat16)
   w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
   gw = jax.grad(lambda w: jnp.sum(convolution.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=_DN).astype(jnp.float32)))(w)
   assert gw.dtype == jnp.bfloat16
   # Interior taps see all 9 inputs of 1: every output pixel's cotangent is 1, so dW[i, j] counts
-  # the output pixels whose tap (i, j) lands inside the 6x6 image: 2 images x 5 x 5 off-centre.
-  assert float(gw[1, 1, 0, 0]) == 2 * 36 and float(gw[0, 0, 0, 0]) == 2 * 25
+  # the output pixels whose tap (i, j) lands inside the 6x6 image: 16 images x 5 x 5 off-centre.
+  assert float(gw[1, 1, 0, 0]) == 16 * 36 and float(gw[0, 0, 0, 0]) == 16 * 25
 
 
 def test_mode_selection(monkeypatch):
   monkeypatch.delenv(convolution.ENV, raising=False)
-  one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-  assert convolution.weight_grad_mode() == ("taps" if one_cpu else "xla")  # 8 fake devices: xla
-  monkeypatch.setenv(convolution.ENV, "fast")
-  with pytest.raises(ValueError, match="SODA_CONV_WEIGHT_GRAD='fast'"):
+  assert convolution.weight_grad_mode() == ("chunks" if jax.default_backend() == "cpu" else "xla")
+  monkeypatch.setenv(convolution.ENV, "taps")  # the per-tap matmuls of sessions 10-24: removed
+  with pytest.raises(ValueError, match="SODA_CONV_WEIGHT_GRAD='taps'"):
     convolution.weight_grad_mode()
 
 
-def test_uncovered_convs_are_xlas(monkeypatch):
-  """Grouped or dilated convs keep lax's own gradient (the tap form does not cover them)."""
-  monkeypatch.setenv(convolution.ENV, "taps")
-  x = jnp.ones((1, 6, 6, 4))
+def test_uncovered_convs_are_xlas(tiny_l2):
+  """Grouped or dilated convs keep lax's own gradient (the chunked form does not cover them)."""
+  x = jnp.ones((16, 6, 6, 4))
   w = jnp.ones((3, 3, 2, 4))
   f = lambda w: jnp.sum(convolution.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), "SAME", dimension_numbers=_DN, feature_group_count=2))
   jaxpr = str(jax.make_jaxpr(jax.grad(f))(w))
-  assert jaxpr.count("dot_general[") == 0 and jaxpr.count("conv_general_dilated[") == 2
+  assert jaxpr.count("conv_general_dilated[") == 2 and "custom_vjp" not in jaxpr
 
 
-def test_resnet_convs_use_it(monkeypatch):
-  monkeypatch.setenv(convolution.ENV, "taps")
+def test_resnet_convs_use_it(tiny_l2):
   mod = resnet._conv(4, 3, 2, dtype=jnp.float32)  # pylint: disable=protected-access
-  x = jnp.ones((1, 8, 8, 3))
+  x = jnp.ones((16, 8, 8, 3))
   params = mod.init(jax.random.PRNGKey(0), x)
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(mod.apply(p, x))))(params))
-  assert jaxpr.count("dot_general[") == 9  # one matmul per tap of the 3x3 kernel
-
-
-def test_auto_uses_taps_on_a_single_cpu_device():
-  """The other side of `auto`: a process with one CPU device (no fake devices) traces taps."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", convolution.ENV)}
-  out = subprocess.run(
-      [sys.executable, "-c", "import jax; from soda_jax.models import convolution as c; "
-       "print(jax.device_count(), c.weight_grad_mode())"],
-      env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      capture_output=True, text=True, check=True, timeout=120)
-  assert out.stdout.split() == ["1", "taps"]
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(mod.apply(p, x) ** 2)))
+  # forward + 2 weight-gradient chunks (no input gradient: x is not differentiated)
+  assert grad.lower(params).compile().as_text().count(" convolution(") == 3

@@ -1,26 +1,30 @@
 """The convolution every soda_jax conv layer calls: XLA's, with a fast weight gradient on CPU.
 
-Why: XLA:CPU (jaxlib 0.10) lowers a conv's weight gradient to another convolution whose window is
-the whole activation map (e.g. 32x32 with the batch as the contracted feature). Profiled on a
-2-core AMD EPYC on one device, those convolutions took 5-22x the time of the forward conv they
-differentiate: 42-47% of the demo's train step and 75% of the CIFAR-10 peer network's
-(docs/benchmarks.md, "Where the train step's time goes"). The same sum, written as one matmul
-per kernel tap over a shifted (strided) view of the padded input,
+Why: XLA:CPU (jaxlib 0.10) lowers a conv's weight gradient to one convolution whose window is the
+whole activation map and whose contraction runs over every example and pixel of the batch. When
+that operand pair (input + output cotangent) outgrows the core's L2 cache the kernel slows down
+4-5x: on an Intel Xeon (2 MiB L2), one core, batch 16, 3x3 convs at 32 px, 128 -> 128 took 172
+ms against 33 ms for the forward conv, 256 -> 256 751 ms against 135 (docs/benchmarks.md,
+"Session 25"). The same sum split over batch chunks that fit in L2,
 
-    dW[i, j] = sum_{n, y, x} xpad[n, s*y + i, s*x + j, :]^T  dY[n, y, x, :]     (Cin, Cout)
+    dW = sum_chunks  XLA's weight gradient (x[chunk], dY[chunk])
 
-runs at matmul speed. The forward conv and the input gradient stay XLA's own: they are fast.
+ran at 42 and 188 ms: close to the forward conv. So on CPU a conv whose batch does not fit is
+differentiated chunk by chunk (`chunked_weight_grad`); the forward conv and the input gradient
+stay XLA's own, as does the weight gradient of any conv whose batch fits in one chunk.
+
+Sharding: the project splits batches over every device (`sharding.BATCH_AXES`), in contiguous
+blocks. Chunk i takes rows [i, i + chunk) of *each* device's block, so a device only touches its
+own rows and XLA sums the chunks before its one all-reduce (no resharding; tested).
 
 On GPU/TPU (any backend but CPU) `conv_general_dilated` *is* `lax.conv_general_dilated`: their
-weight gradients are fine and nothing here changes their programs. Convs the tap form does not
-cover (dilation, feature groups, layouts other than NHWC/HWIO) also go to lax unchanged.
-
-The tap form pays when each device holds a large part of the batch: on a single CPU device. With
-the batch split over several (fake) CPU devices, XLA's own weight gradient was faster, so `auto`
-uses taps only on a one-device CPU process. `SODA_CONV_WEIGHT_GRAD` = auto (default) | taps |
-xla overrides that when a program is traced, so the benchmark can time both sides.
+weight gradients are fine and nothing here changes their programs. Convs this does not cover
+(dilation, feature groups, layouts other than NHWC/HWIO) also go to lax unchanged.
+`SODA_CONV_WEIGHT_GRAD` = auto (default: chunks on CPU) | chunks | xla overrides the choice when a
+program is traced, so the benchmark can time both sides.
 """
 import functools
+import math
 import os
 from typing import Sequence, Tuple, Union
 
@@ -29,22 +33,23 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-_MODES = ("auto", "taps", "xla")
+_MODES = ("auto", "chunks", "xla")
 ENV = "SODA_CONV_WEIGHT_GRAD"
+_DEFAULT_L2 = 1024 ** 2  # where sysfs does not say
 
 Padding = Tuple[Tuple[int, int], ...]
 
 
 def weight_grad_mode() -> str:
-  """'taps' or 'xla': what a conv traced now uses for its weight gradient."""
+  """'chunks' or 'xla': what a conv traced now uses for its weight gradient."""
   mode = os.environ.get(ENV, "auto")
   if mode not in _MODES:
     raise ValueError(f"{ENV}={mode!r}: expected one of {_MODES}")
   if mode == "auto":
-    # Measured (docs/benchmarks.md): taps pay on one CPU device (demo 1.65 -> 1.41 s/step, the
-    # CIFAR-10 peer network ~60 -> 24 s); with the batch split over 8 fake CPU devices each
-    # device's weight gradient is small and XLA's own was faster (demo 1.13-1.19 vs 1.61-1.65 s).
-    return "taps" if jax.default_backend() == "cpu" and jax.device_count() == 1 else "xla"
+    # Measured (docs/benchmarks.md, session 25): CIFAR-10 peer network on 2 CPU devices 11.27 ->
+    # 8.79 s/step, on 1 device 9.88 (the earlier per-tap matmuls) -> 8.75 s; the demo, whose
+    # batches fit in L2 on 2 devices, level (0.388 vs 0.380-0.393 s), on 1 device 0.59 -> 0.42 s.
+    return "chunks" if jax.default_backend() == "cpu" else "xla"
   return mode
 
 
@@ -80,7 +85,55 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _conv_tap_grad(lhs, rhs, strides, pads, precision)
+  shards, chunk = weight_grad_chunks(lhs.shape, rhs.shape, strides, pads, lhs.dtype)
+  if shards * chunk >= lhs.shape[0]:  # the batch fits in one chunk: XLA's own gradient
+    return _xla_conv(lhs, rhs, strides, pads, precision)
+  return _conv_chunked_grad(lhs, rhs, strides, pads, precision, shards, chunk)
+
+
+def _read(path: str) -> str:
+  with open(path) as f:
+    return f.read().strip()
+
+
+@functools.lru_cache(maxsize=None)
+def l2_bytes() -> int:
+  """One core's L2 cache in bytes, from Linux's sysfs (1 MiB where it does not say)."""
+  base = "/sys/devices/system/cpu/cpu0/cache"
+  try:
+    entries = sorted(os.listdir(base))
+  except OSError:
+    return _DEFAULT_L2
+  for entry in entries:
+    try:
+      level, kind, size = (_read(os.path.join(base, entry, f)) for f in ("level", "type", "size"))
+    except OSError:
+      continue
+    if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit():
+      return int(size[:-1]) * {"K": 1024, "M": 1024 ** 2}.get(size[-1], 1)
+  return _DEFAULT_L2
+
+
+def weight_grad_chunks(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                       pads: Padding, dtype, budget: int = 0) -> Tuple[int, int]:
+  """(shards, chunk) for a conv of x (N, H, W, Cin) by w (kh, kw, Cin, Cout).
+
+  shards: the device blocks the batch is split into (gcd of N and the device count, as
+  `sharding.BATCH_AXES` splits batches over every device). chunk: the most examples of one
+  block, a divisor of its N / shards, whose input and output cotangent fit in `budget` bytes
+  (default: this machine's L2); at least 1.
+  """
+  n, h, w, cin = x_shape
+  kh, kw, _, cout = w_shape
+  ho = (h + sum(pads[0]) - kh) // strides[0] + 1
+  wo = (w + sum(pads[1]) - kw) // strides[1] + 1
+  per_example = (h * w * cin + ho * wo * cout) * jnp.dtype(dtype).itemsize
+  shards = math.gcd(n, jax.device_count())
+  local = n // shards
+  budget = budget or l2_bytes()
+  chunk = max((c for c in range(1, local + 1) if local % c == 0 and c * per_example <= budget),
+              default=1)
+  return shards, chunk
 
 
 def _xla_conv(x, w, strides, pads, precision):
@@ -88,40 +141,45 @@ def _xla_conv(x, w, strides, pads, precision):
                                   precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_tap_grad(x, w, strides, pads, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv_chunked_grad(x, w, strides, pads, precision, shards, chunk):
   return _xla_conv(x, w, strides, pads, precision)
 
 
-def _fwd(x, w, strides, pads, precision):
+def _fwd(x, w, strides, pads, precision, shards, chunk):
   return _xla_conv(x, w, strides, pads, precision), (x, w)
 
 
-def _bwd(strides, pads, precision, res, g):
+def _bwd(strides, pads, precision, shards, chunk, res, g):
   x, w = res
   _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, strides, pads, precision), x)
   (dx,) = input_vjp(g)
-  return dx, tap_weight_grad(x, g, w.shape, strides, pads, precision).astype(w.dtype)
+  dw = chunked_weight_grad(x, g, w, strides, pads, precision, shards, chunk)
+  return dx, dw.astype(w.dtype)
 
 
-_conv_tap_grad.defvjp(_fwd, _bwd)
+_conv_chunked_grad.defvjp(_fwd, _bwd)
 
 
-def tap_weight_grad(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int],
-                    strides: Sequence[int], pads: Padding, precision=None) -> jax.Array:
-  """dL/dW (kh, kw, Cin, Cout) of an NHWC/HWIO conv from its input x (N, H, W, Cin) and output
-  cotangent g (N, Ho, Wo, Cout): kh*kw matmuls (N*Ho*Wo, Cin)^T @ (N*Ho*Wo, Cout), accumulated
-  in float32."""
-  kh, kw, cin, cout = kernel_shape
-  sh, sw = strides
-  n, ho, wo, _ = g.shape
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-  g2 = g.reshape(n * ho * wo, cout)
-  taps = []
-  for i in range(kh):
-    for j in range(kw):
-      view = lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
-                       (1, sh, sw, 1))  # (N, Ho, Wo, Cin): the inputs tap (i, j) multiplies
-      taps.append(lax.dot_general(view.reshape(n * ho * wo, cin), g2, (((0,), (0,)), ((), ())),
-                                  precision=precision, preferred_element_type=jnp.float32))
-  return jnp.stack(taps).reshape(kh, kw, cin, cout)
+def chunked_weight_grad(x: jax.Array, g: jax.Array, w: jax.Array, strides: Sequence[int],
+                        pads: Padding, precision, shards: int, chunk: int) -> jax.Array:
+  """dL/dW (kh, kw, Cin, Cout), float32: XLA's weight gradient summed over batch chunks.
+
+  x (N, H, W, Cin) and its output cotangent g (N, Ho, Wo, Cout) are viewed as `shards`
+  contiguous blocks of N / shards examples (the devices' blocks); chunk i holds examples
+  [i, i + chunk) of every block.
+  """
+  n = x.shape[0]
+  if n % shards or (n // shards) % chunk:
+    raise ValueError(f"batch {n} is not {shards} blocks of a multiple of chunk={chunk}")
+  local = n // shards
+  xs = x.reshape(shards, local, *x.shape[1:])
+  gs = g.reshape(shards, local, *g.shape[1:])
+  total = None
+  for i in range(0, local, chunk):
+    xc = xs[:, i:i + chunk].reshape(shards * chunk, *x.shape[1:])
+    gc = gs[:, i:i + chunk].reshape(shards * chunk, *g.shape[1:])
+    _, w_vjp = jax.vjp(lambda w_, xc=xc: _xla_conv(xc, w_, strides, pads, precision), w)
+    dw = w_vjp(gc)[0].astype(jnp.float32)
+    total = dw if total is None else total + dw
+  return total
