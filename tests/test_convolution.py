@@ -178,6 +178,18 @@ def test_uncovered_convs_are_xlas(tiny_l2):
   assert jaxpr.count("conv_general_dilated[") == 2 and "custom_vjp" not in jaxpr
 
 
+def test_symbolic_batch_exports_with_xlas_conv(tiny_l2):
+  """`jax.export` with a polymorphic batch (the export path) traces lax's conv: no chunk sizes
+  can be chosen for a batch that is not a number."""
+  w = jnp.ones((3, 3, 3, 4))
+  f = jax.jit(lambda x: convolution.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                         dimension_numbers=_DN))
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 6, 6, 3"), jnp.float32)
+  exp = jax.export.export(f)(spec)
+  x = jnp.ones((5, 6, 6, 3))
+  np.testing.assert_array_equal(exp.call(x), f(x))
+
+
 def test_resnet_convs_use_it(tiny_l2):
   mod = resnet._conv(4, 3, 2, dtype=jnp.float32)  # pylint: disable=protected-access
   x = jnp.ones((16, 8, 8, 3))

@@ -19,7 +19,8 @@ own rows and XLA sums the chunks before its one all-reduce (no resharding; teste
 
 On GPU/TPU (any backend but CPU) `conv_general_dilated` *is* `lax.conv_general_dilated`: their
 weight gradients are fine and nothing here changes their programs. Convs this does not cover
-(dilation, feature groups, layouts other than NHWC/HWIO) also go to lax unchanged.
+(dilation, feature groups, layouts other than NHWC/HWIO, symbolic shapes of `jax.export`) also go
+to lax unchanged.
 `SODA_CONV_WEIGHT_GRAD` = auto (default: chunks on CPU) | chunks | xla overrides the choice when a
 program is traced, so the benchmark can time both sides.
 """
@@ -72,7 +73,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
                          precision=None, preferred_element_type=None) -> jax.Array:
   """Drop-in for `lax.conv_general_dilated` (what `flax.linen.Conv` calls)."""
   mode = weight_grad_mode()  # first, so a bad SODA_CONV_WEIGHT_GRAD fails on any conv
-  covered = (_is_nhwc(lhs, rhs, dimension_numbers) and _ones(lhs_dilation)
+  covered = (all(isinstance(d, int) for d in lhs.shape)  # not under shape polymorphism (export)
+             and _is_nhwc(lhs, rhs, dimension_numbers) and _ones(lhs_dilation)
              and _ones(rhs_dilation) and feature_group_count == 1 and batch_group_count == 1
              and preferred_element_type is None)
   if not covered or mode == "xla":
