@@ -23,9 +23,18 @@ def _grads(conv_fn, x, w, stride, padding):
       conv_fn, x, w, stride, padding, cot)
 
 
+def _chunks_of_one(monkeypatch, x_shape, out_shape, itemsize=4):
+  """A budget of exactly one example's input + output cotangent: chunks of 1 (the real budget,
+  this machine's L2, is MiBs)."""
+  monkeypatch.setenv(convolution.ENV, "chunks")
+  per_example = (np.prod(x_shape[1:]) + np.prod(out_shape[1:])) * itemsize
+  monkeypatch.setattr(convolution, "l2_bytes", lambda: int(per_example))
+
+
 @pytest.fixture
 def tiny_l2(monkeypatch):
-  """An L2 of 1 KiB: every test batch is split into chunks (the real budget is MiBs)."""
+  """1 KiB: the 6x6x3 -> 6x6x4 conv of several tests below (1008 bytes an example) in chunks of
+  1."""
   monkeypatch.setenv(convolution.ENV, "chunks")
   monkeypatch.setattr(convolution, "l2_bytes", lambda: 1024)
 
@@ -38,13 +47,15 @@ CASES = [(9, 9, 3, 1, "SAME"), (8, 8, 3, 2, "SAME"), (8, 8, 3, 2, ((1, 1), (1, 1
 
 
 @pytest.mark.parametrize("h,w,k,stride,padding", CASES)
-def test_chunked_gradients_match_xla(h, w, k, stride, padding, tiny_l2):
+def test_chunked_gradients_match_xla(h, w, k, stride, padding, monkeypatch):
   rng = np.random.RandomState(0)
   # 16 examples over the 8 test devices: 8 blocks of 2, chunks of 1 -> two chunk convs.
   x = jnp.asarray(rng.randn(16, h, w, 3), jnp.float32)
   kern = jnp.asarray(rng.randn(k, k, 3, 5), jnp.float32)
   pads = lax.padtype_to_pads((h, w), (k, k), (stride, stride), padding) if isinstance(
       padding, str) else padding
+  out = lax.conv_general_dilated(x, kern, (stride, stride), padding, dimension_numbers=_DN)
+  _chunks_of_one(monkeypatch, x.shape, out.shape)
   assert convolution.weight_grad_chunks(x.shape, kern.shape, (stride, stride), pads,
                                         jnp.float32) == (8, 1)
   want_x, want_w = _grads(lax.conv_general_dilated, x, kern, stride, padding)
@@ -62,28 +73,59 @@ def test_chunk_sizes_follow_the_budget_and_the_devices():
   pads = ((1, 1), (1, 1))
   # 32 px, 128 -> 128, float32: 512 KiB of input + 512 KiB of cotangent per example.
   per_example = 2 * 32 * 32 * 128 * 4
-  chunks = lambda n, budget: convolution.weight_grad_chunks(  # noqa: E731
-      (n, 32, 32, 128), (3, 3, 128, 128), (1, 1), pads, jnp.float32, budget)
-  assert chunks(16, 2 * per_example) == (8, 2)  # 8 devices: blocks of 2, both fit
+  chunks = lambda n, budget, dtype=jnp.float32, strides=(1, 1), pads=pads: (  # noqa: E731
+      convolution.weight_grad_chunks((n, 32, 32, 128), (3, 3, 128, 128), strides, pads, dtype,
+                                     budget))
+  assert chunks(16, 2 * per_example) == (8, 2)  # 8 devices: blocks of 2, both fit: no chunking
   assert chunks(64, 2 * per_example) == (8, 2)  # blocks of 8: chunks of 2
-  assert chunks(64, 3 * per_example) == (8, 2)  # 3 does not divide 8
+  assert chunks(64, 3 * per_example) == (8, 3)  # 3, 3 and a last chunk of 2
   assert chunks(64, 4 * per_example) == (8, 4)
-  assert chunks(64, per_example - 1) == (8, 1)  # not even one fits: one at a time
+  assert chunks(64, per_example - 1) == (8, 1)  # not even one fits: one at a time (<= 2x budget)
+  assert chunks(64, per_example // 2 - 1) == (8, 8)  # one example > 2x the budget: XLA's own
   assert chunks(6, per_example) == (2, 1)  # gcd(6, 8) = 2 blocks of 3
+  # At most MAX_CHUNKS per block: 8 x 64 examples need chunks of 2, which still fit 2x the budget.
+  assert convolution.MAX_CHUNKS == 32
+  assert chunks(8 * 64, per_example) == (8, 2)
+  assert chunks(8 * 128, per_example) == (8, 128)  # chunks of 4 would be 4x the budget: XLA's
   # bfloat16 halves the bytes; a stride-2 conv's cotangent is a quarter of its input.
-  assert convolution.weight_grad_chunks((64, 32, 32, 128), (3, 3, 128, 128), (1, 1), pads,
-                                        jnp.bfloat16, per_example) == (8, 2)
-  assert convolution.weight_grad_chunks((64, 32, 32, 128), (3, 3, 128, 128), (2, 2),
-                                        ((0, 1), (0, 1)), jnp.float32,
-                                        per_example * 5 // 8) == (8, 1)
-  assert convolution.weight_grad_chunks((64, 32, 32, 128), (3, 3, 128, 128), (2, 2),
-                                        ((0, 1), (0, 1)), jnp.float32,
-                                        per_example * 5 // 4) == (8, 2)
+  assert chunks(64, per_example, jnp.bfloat16) == (8, 2)
+  assert chunks(64, per_example * 5 // 8, strides=(2, 2), pads=((0, 1), (0, 1))) == (8, 1)
+  assert chunks(64, per_example * 5 // 4, strides=(2, 2), pads=((0, 1), (0, 1))) == (8, 2)
 
 
-def test_l2_bytes_is_read_from_the_machine():
-  l2 = convolution.l2_bytes()
-  assert l2 >= 64 * 1024 and l2 % 1024 == 0
+def test_l2_is_read_from_sysfs_or_pinned(tmp_path, monkeypatch):
+  for name, (level, kind, size) in {"index0": ("1", "Data", "48K"),
+                                    "index1": ("1", "Instruction", "32K"),
+                                    "index2": ("2", "Unified", "2048K"),
+                                    "index3": ("3", "Unified", "32M")}.items():
+    (tmp_path / name).mkdir()
+    for field, value in (("level", level), ("type", kind), ("size", size)):
+      (tmp_path / name / field).write_text(value + "\n")
+  assert convolution.machine_l2_bytes(str(tmp_path)) == 2048 * 1024
+  assert convolution.machine_l2_bytes(str(tmp_path / "absent")) == 1024 ** 2  # the default
+  monkeypatch.setenv(convolution.L2_ENV, "65536")
+  assert convolution.l2_bytes() == 65536
+  monkeypatch.setenv(convolution.L2_ENV, "2M")
+  with pytest.raises(ValueError, match="SODA_CONV_L2_BYTES='2M'"):
+    convolution.l2_bytes()
+
+
+@pytest.mark.parametrize("n,budget_examples", [(16, 2), (24, 2), (6, 2)])
+def test_chunks_of_several_examples_match_xla(n, budget_examples, monkeypatch):
+  """Chunks of 2 (blocks of 2 or 3 examples: an even split, and a last chunk of 1) and 2 device
+  blocks (batch 6 on the 8 test devices)."""
+  monkeypatch.setenv(convolution.ENV, "chunks")
+  x = jnp.asarray(np.random.RandomState(0).randn(n, 9, 9, 3), jnp.float32)
+  kern = jnp.asarray(np.random.RandomState(1).randn(3, 3, 3, 5), jnp.float32)
+  per_example = (9 * 9 * 3 + 5 * 5 * 5) * 4  # stride 2, SAME: 5x5 outputs
+  monkeypatch.setattr(convolution, "l2_bytes", lambda: budget_examples * per_example)
+  shards, chunk = convolution.weight_grad_chunks(x.shape, kern.shape, (2, 2), ((1, 1), (1, 1)),
+                                                 jnp.float32)
+  assert (shards, chunk) == ((8, 2) if n % 8 == 0 else (2, 2))
+  want_x, want_w = _grads(lax.conv_general_dilated, x, kern, 2, "SAME")
+  got_x, got_w = _grads(convolution.conv_general_dilated, x, kern, 2, "SAME")
+  np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-4)
 
 
 def test_chunks_on_a_sharded_batch_need_one_all_reduce_and_no_resharding(tiny_l2):
@@ -108,8 +150,9 @@ def test_chunks_on_a_sharded_batch_need_one_all_reduce_and_no_resharding(tiny_l2
     assert hlo.count(" all-reduce(") == 1, name
     for op in ("all-gather(", "all-to-all(", "collective-permute("):
       assert op not in hlo, (name, op)
+    # the forward and one weight-gradient conv (XLA's), or one per chunk
+    assert hlo.count(" convolution(") == {"chunks": 5, "xla": 2}[name]
     grads[name] = step(kern, x)
-  assert hlo.count(" convolution(") == 2  # XLA's: the forward and one weight-gradient conv
   np.testing.assert_allclose(grads["chunks"], grads["xla"], rtol=1e-5, atol=1e-4)
   # What the check above guards against: chunks of the global batch (shards=1) straddle the
   # devices' blocks, and the partitioner moves activations between devices to build them.
@@ -149,9 +192,12 @@ def test_a_batch_that_fits_keeps_xlas_gradient(monkeypatch):
           == str(jax.make_jaxpr(jax.grad(f(lax.conv_general_dilated)))(w)))
 
 
-def test_bfloat16_kernel_gets_a_bfloat16_gradient(tiny_l2):
+def test_bfloat16_kernel_gets_a_bfloat16_gradient(monkeypatch):
   x = jnp.ones((16, 6, 6, 3), jnp.bfloat16)
   w = jnp.ones((3, 3, 3, 4), jnp.bfloat16)
+  _chunks_of_one(monkeypatch, x.shape, (16, 6, 6, 4), itemsize=2)
+  assert convolution.weight_grad_chunks(x.shape, w.shape, (1, 1), ((1, 1),) * 2,
+                                        jnp.bfloat16) == (8, 1)
   gw = jax.grad(lambda w: jnp.sum(convolution.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=_DN).astype(jnp.float32)))(w)
   assert gw.dtype == jnp.bfloat16
@@ -175,7 +221,7 @@ def test_uncovered_convs_are_xlas(tiny_l2):
   f = lambda w: jnp.sum(convolution.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), "SAME", dimension_numbers=_DN, feature_group_count=2))
   jaxpr = str(jax.make_jaxpr(jax.grad(f))(w))
-  assert jaxpr.count("conv_general_dilated[") == 2 and "custom_vjp" not in jaxpr
+  assert jaxpr.count("conv_general_dilated[") == 2  # forward + XLA's weight gradient, unchunked
 
 
 def test_symbolic_batch_exports_with_xlas_conv(tiny_l2):
@@ -190,9 +236,10 @@ def test_symbolic_batch_exports_with_xlas_conv(tiny_l2):
   np.testing.assert_array_equal(exp.call(x), f(x))
 
 
-def test_resnet_convs_use_it(tiny_l2):
+def test_resnet_convs_use_it(monkeypatch):
   mod = resnet._conv(4, 3, 2, dtype=jnp.float32)  # pylint: disable=protected-access
   x = jnp.ones((16, 8, 8, 3))
+  _chunks_of_one(monkeypatch, x.shape, (16, 4, 4, 4))
   params = mod.init(jax.random.PRNGKey(0), x)
   grad = jax.jit(jax.grad(lambda p: jnp.sum(mod.apply(p, x) ** 2)))
   # forward + 2 weight-gradient chunks (no input gradient: x is not differentiated)

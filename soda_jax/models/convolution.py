@@ -10,8 +10,9 @@ ms against 33 ms for the forward conv, 256 -> 256 751 ms against 135 (docs/bench
     dW = sum_chunks  XLA's weight gradient (x[chunk], dY[chunk])
 
 ran at 42 and 188 ms: close to the forward conv. So on CPU a conv whose batch does not fit is
-differentiated chunk by chunk (`chunked_weight_grad`); the forward conv and the input gradient
-stay XLA's own, as does the weight gradient of any conv whose batch fits in one chunk.
+differentiated chunk by chunk (`chunked_weight_grad`, at most MAX_CHUNKS per device); the forward
+conv and the input gradient stay XLA's own, as does the weight gradient of any conv whose batch
+fits in one chunk or would need oversized ones.
 
 Sharding: the project splits batches over every device (`sharding.BATCH_AXES`), in contiguous
 blocks. Chunk i takes rows [i, i + chunk) of *each* device's block, so a device only touches its
@@ -22,7 +23,9 @@ weight gradients are fine and nothing here changes their programs. Convs this do
 (dilation, feature groups, layouts other than NHWC/HWIO, symbolic shapes of `jax.export`) also go
 to lax unchanged.
 `SODA_CONV_WEIGHT_GRAD` = auto (default: chunks on CPU) | chunks | xla overrides the choice when a
-program is traced, so the benchmark can time both sides.
+program is traced, so the benchmark can time both sides; `SODA_CONV_L2_BYTES` pins the budget (the
+chunks, and so the last bits of the sums, otherwise follow the machine). A chunked conv is a
+`jax.custom_vjp`: reverse mode only (`jax.jvp` through it raises; nothing here uses forward mode).
 """
 import functools
 import math
@@ -36,7 +39,14 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODES = ("auto", "chunks", "xla")
 ENV = "SODA_CONV_WEIGHT_GRAD"
+L2_ENV = "SODA_CONV_L2_BYTES"  # pins the chunk budget (bitwise runs across machines)
 _DEFAULT_L2 = 1024 ** 2  # where sysfs does not say
+# Each chunk is one more conv in the program (~15-30 ms of compile each): at most this many per
+# device and layer, the chunks grown to match. Chunks over OVERSIZE x the budget pay little
+# (batch 16, 32 px, 128 -> 128, 2 MiB L2: 2 MiB chunks 42 ms, 4 MiB 92, 8 MiB 152, XLA's 172), so
+# a conv that would need them keeps XLA's own gradient, and large CPU batches compile as before.
+MAX_CHUNKS = 32
+OVERSIZE = 2
 
 Padding = Tuple[Tuple[int, int], ...]
 
@@ -47,9 +57,9 @@ def weight_grad_mode() -> str:
   if mode not in _MODES:
     raise ValueError(f"{ENV}={mode!r}: expected one of {_MODES}")
   if mode == "auto":
-    # Measured (docs/benchmarks.md, session 25): CIFAR-10 peer network on 2 CPU devices 11.27 ->
-    # 8.79 s/step, on 1 device 9.88 (the earlier per-tap matmuls) -> 8.75 s; the demo, whose
-    # batches fit in L2 on 2 devices, level (0.388 vs 0.380-0.393 s), on 1 device 0.59 -> 0.42 s.
+    # Measured (docs/benchmarks.md, session 25; batch 32, float32): CIFAR-10 peer network on 2
+    # CPU devices 11.27 -> 8.79 s/step, on 1 device 9.88 (the earlier per-tap matmuls) -> 8.75 s;
+    # the demo level on 2 devices (0.388 vs 0.380-0.393 s), on 1 device 0.59 -> 0.42 s.
     return "chunks" if jax.default_backend() == "cpu" else "xla"
   return mode
 
@@ -98,10 +108,19 @@ def _read(path: str) -> str:
     return f.read().strip()
 
 
-@functools.lru_cache(maxsize=None)
 def l2_bytes() -> int:
-  """One core's L2 cache in bytes, from Linux's sysfs (1 MiB where it does not say)."""
-  base = "/sys/devices/system/cpu/cpu0/cache"
+  """The chunk budget: $SODA_CONV_L2_BYTES if set, else one core's L2 cache (sysfs)."""
+  pinned = os.environ.get(L2_ENV)
+  if pinned is not None:
+    if not pinned.isdigit() or int(pinned) < 1:
+      raise ValueError(f"{L2_ENV}={pinned!r}: expected a positive number of bytes")
+    return int(pinned)
+  return machine_l2_bytes()
+
+
+@functools.lru_cache(maxsize=None)
+def machine_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+  """cpu0's L2 data (or unified) cache in bytes from Linux's sysfs; 1 MiB where it does not say."""
   try:
     entries = sorted(os.listdir(base))
   except OSError:
@@ -121,9 +140,10 @@ def weight_grad_chunks(x_shape: Sequence[int], w_shape: Sequence[int], strides: 
   """(shards, chunk) for a conv of x (N, H, W, Cin) by w (kh, kw, Cin, Cout).
 
   shards: the device blocks the batch is split into (gcd of N and the device count, as
-  `sharding.BATCH_AXES` splits batches over every device). chunk: the most examples of one
-  block, a divisor of its N / shards, whose input and output cotangent fit in `budget` bytes
-  (default: this machine's L2); at least 1.
+  `sharding.BATCH_AXES` splits batches over every device). chunk: examples of one block per
+  weight-gradient conv: as many as fit their input and output cotangent in `budget` bytes
+  (default `l2_bytes()`), at least 1, and enough for at most MAX_CHUNKS chunks; the whole block
+  (XLA's own gradient) where the chunks would exceed OVERSIZE x the budget.
   """
   n, h, w, cin = x_shape
   kh, kw, _, cout = w_shape
@@ -133,8 +153,9 @@ def weight_grad_chunks(x_shape: Sequence[int], w_shape: Sequence[int], strides: 
   shards = math.gcd(n, jax.device_count())
   local = n // shards
   budget = budget or l2_bytes()
-  chunk = max((c for c in range(1, local + 1) if local % c == 0 and c * per_example <= budget),
-              default=1)
+  chunk = max(1, budget // per_example, -(-local // MAX_CHUNKS))
+  if chunk >= local or chunk * per_example > OVERSIZE * budget:
+    return shards, local
   return shards, chunk
 
 
@@ -165,22 +186,24 @@ _conv_chunked_grad.defvjp(_fwd, _bwd)
 
 def chunked_weight_grad(x: jax.Array, g: jax.Array, w: jax.Array, strides: Sequence[int],
                         pads: Padding, precision, shards: int, chunk: int) -> jax.Array:
-  """dL/dW (kh, kw, Cin, Cout), float32: XLA's weight gradient summed over batch chunks.
+  """dL/dW (kh, kw, Cin, Cout): XLA's weight gradient of each batch chunk (in the conv's dtype),
+  summed in float32.
 
   x (N, H, W, Cin) and its output cotangent g (N, Ho, Wo, Cout) are viewed as `shards`
   contiguous blocks of N / shards examples (the devices' blocks); chunk i holds examples
-  [i, i + chunk) of every block.
+  [i * chunk, (i + 1) * chunk) of every block (the last one may be shorter).
   """
   n = x.shape[0]
-  if n % shards or (n // shards) % chunk:
-    raise ValueError(f"batch {n} is not {shards} blocks of a multiple of chunk={chunk}")
+  if n % shards:
+    raise ValueError(f"batch {n} does not split into {shards} device blocks")
   local = n // shards
   xs = x.reshape(shards, local, *x.shape[1:])
   gs = g.reshape(shards, local, *g.shape[1:])
   total = None
   for i in range(0, local, chunk):
-    xc = xs[:, i:i + chunk].reshape(shards * chunk, *x.shape[1:])
-    gc = gs[:, i:i + chunk].reshape(shards * chunk, *g.shape[1:])
+    size = min(chunk, local - i)
+    xc = xs[:, i:i + size].reshape(shards * size, *x.shape[1:])
+    gc = gs[:, i:i + size].reshape(shards * size, *g.shape[1:])
     _, w_vjp = jax.vjp(lambda w_, xc=xc: _xla_conv(xc, w_, strides, pads, precision), w)
     dw = w_vjp(gc)[0].astype(jnp.float32)
     total = dw if total is None else total + dw
