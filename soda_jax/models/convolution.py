@@ -15,8 +15,9 @@ conv and the input gradient stay XLA's own, as does the weight gradient of any c
 fits in one chunk or would need oversized ones.
 
 Sharding: the project splits batches over every device (`sharding.BATCH_AXES`), in contiguous
-blocks. Chunk i takes rows [i, i + chunk) of *each* device's block, so a device only touches its
-own rows and XLA sums the chunks before its one all-reduce (no resharding; tested).
+blocks. Chunk i takes rows [i * chunk, (i + 1) * chunk) of *each* device's block, so a device
+only touches its own rows and XLA sums the chunks before its one all-reduce (no resharding;
+tested).
 
 On GPU/TPU (any backend but CPU) `conv_general_dilated` *is* `lax.conv_general_dilated`: their
 weight gradients are fine and nothing here changes their programs. Convs this does not cover
