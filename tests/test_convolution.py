@@ -244,3 +244,16 @@ def test_resnet_convs_use_it(monkeypatch):
   grad = jax.jit(jax.grad(lambda p: jnp.sum(mod.apply(p, x) ** 2)))
   # forward + 2 weight-gradient chunks (no input gradient: x is not differentiated)
   assert grad.lower(params).compile().as_text().count(" convolution(") == 3
+
+
+def test_conv_bench_measures_both_gradients_on_the_same_numbers():
+  from soda_jax.tools import conv_bench  # pylint: disable=g-import-not-at-top
+  per_example = 6 * 6 * (3 + 4) * 4
+  row = conv_bench.measure((16, 6, 3, 4), budget=per_example, reps=1)
+  assert (row["shards"], row["chunk"], row["per_example_bytes"]) == (8, 1, per_example)
+  assert row["max_rel_diff"] < 1e-5
+  assert all(row[k] > 0 for k in ("forward_ms", "xla_weight_grad_ms", "chunked_weight_grad_ms"))
+  table = conv_bench.format_table([row])
+  assert "| 16x6x3x4 | 1 of 2 |" in table
+  with pytest.raises(ValueError, match="shape '16x32x128'"):
+    conv_bench.parse_shape("16x32x128")
