@@ -136,6 +136,16 @@ def machine_l2_bytes(base: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
   return _DEFAULT_L2
 
 
+def per_example_bytes(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                      pads: Padding, dtype) -> int:
+  """Bytes of one example's input and output cotangent: what a chunk must fit in the budget."""
+  _, h, w, cin = x_shape
+  kh, kw, _, cout = w_shape
+  ho = (h + sum(pads[0]) - kh) // strides[0] + 1
+  wo = (w + sum(pads[1]) - kw) // strides[1] + 1
+  return (h * w * cin + ho * wo * cout) * jnp.dtype(dtype).itemsize
+
+
 def weight_grad_chunks(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
                        pads: Padding, dtype, budget: int = 0) -> Tuple[int, int]:
   """(shards, chunk) for a conv of x (N, H, W, Cin) by w (kh, kw, Cin, Cout).
@@ -146,11 +156,8 @@ def weight_grad_chunks(x_shape: Sequence[int], w_shape: Sequence[int], strides: 
   (default `l2_bytes()`), at least 1, and enough for at most MAX_CHUNKS chunks; the whole block
   (XLA's own gradient) where the chunks would exceed OVERSIZE x the budget.
   """
-  n, h, w, cin = x_shape
-  kh, kw, _, cout = w_shape
-  ho = (h + sum(pads[0]) - kh) // strides[0] + 1
-  wo = (w + sum(pads[1]) - kw) // strides[1] + 1
-  per_example = (h * w * cin + ho * wo * cout) * jnp.dtype(dtype).itemsize
+  n = x_shape[0]
+  per_example = per_example_bytes(x_shape, w_shape, strides, pads, dtype)
   shards = math.gcd(n, jax.device_count())
   local = n // shards
   budget = budget or l2_bytes()

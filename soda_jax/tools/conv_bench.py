@@ -7,7 +7,6 @@ device (run it under `taskset -c 0` for one core, as docs/benchmarks.md's sessio
 Prints a markdown table (median of --reps jitted calls, ms) and, with --json, writes every field.
 """
 import json
-import time
 from typing import Any, Dict, List, Sequence
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 from jax import lax
 
 from soda_jax.models import convolution
+from soda_jax.tools import benchmark
 
 _DN = ("NHWC", "HWIO", "NHWC")
 _PADS = ((1, 1), (1, 1))
@@ -29,12 +29,9 @@ def parse_shape(text: str) -> tuple:
 
 
 def _median_ms(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + one warm-up call
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+  """Median wall ms of `reps` calls after one untimed (compiling) call."""
+  times, _ = benchmark._time_calls(  # pylint: disable=protected-access
+      lambda: jax.block_until_ready(fn(*args)), reps, warmup=1)
   return float(np.median(times)) * 1e3
 
 
@@ -59,15 +56,14 @@ def measure(shape: Sequence[int], budget: int = 0, reps: int = 7) -> Dict[str, A
 
   want = jax.jit(xla_wgrad)(x, w, g)
   got = jax.jit(chunked_wgrad)(x, w, g)
-  flops = 2 * n * side * side * 9 * cin * cout
   row = dict(shape=list(shape), shards=shards, chunk=chunk,
-             per_example_bytes=(side * side * (cin + cout)) * 4,
+             per_example_bytes=convolution.per_example_bytes(x.shape, w.shape, (1, 1), _PADS,
+                                                             x.dtype),
              budget_bytes=budget or convolution.l2_bytes(),
              forward_ms=_median_ms(jax.jit(conv), x, w, reps=reps),
              xla_weight_grad_ms=_median_ms(jax.jit(xla_wgrad), x, w, g, reps=reps),
              chunked_weight_grad_ms=_median_ms(jax.jit(chunked_wgrad), x, w, g, reps=reps),
              max_rel_diff=float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))))
-  row["gflop"] = flops / 1e9
   return row
 
 
