@@ -11,6 +11,15 @@ reproduce a run bitwise elsewhere. Several runs started side by side each take e
 
 The count must be in XLA_FLAGS before JAX creates its CPU backend: `use_one_device_per_core`
 is called by the CLI entry points before anything asks JAX for devices.
+
+The same goes for which library runs the convolutions (`use_fastest_convolutions`). XLA:CPU
+(jaxlib 0.10) hands them to YNNPACK by default; its Eigen kernels are the other choice. On the
+Intel Xeons measured (AVX-512 + AMX) Eigen's 3x3 convs run their forward, input and weight
+gradients at PyTorch's (oneDNN) speed where YNNPACK's are 20-60% slower at 256-512 channels, and
+the CIFAR-10 peer step fell from 9.47 to 7.93 s (docs/benchmarks.md, session 27); on the AMD
+EPYC measured the two were level with XLA's own weight gradient (10.99 vs 10.83 s, session 21),
+and YNNPACK's weight gradient gains most from `models/convolution.py`'s L2 chunks, so AMD and
+unknown CPUs keep YNNPACK. The choice is by CPU vendor because those are the machines measured.
 """
 import importlib.metadata
 import importlib.util
@@ -23,6 +32,10 @@ from absl import logging
 
 FLAG = "--xla_force_host_platform_device_count"
 MAX_DEVICES = 8  # the most measured (the test suite's 8 fake devices)
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+EIGEN_CONVS = f"{YNN_FLAG}=-individual_convolution"  # convolutions off YNNPACK: XLA's Eigen
+# CPU vendors (/proc/cpuinfo's vendor_id) on which Eigen's convolutions were measured faster.
+EIGEN_CONV_VENDORS = ("GenuineIntel",)
 
 
 def device_count(cores: int, batch_size: int) -> int:
@@ -79,6 +92,28 @@ def _accelerator_plugin() -> Optional[str]:
   return None
 
 
+def _cpu_backend_to_come(what: str) -> bool:
+  """True when JAX will run on the CPU and has not created its backends yet (XLA_FLAGS can
+  still take effect); otherwise logs why `what` is left as it is."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  first = platforms.split(",")[0].strip()
+  if platforms and first != "cpu":
+    return False
+  plugin = None if first == "cpu" else _accelerator_plugin()  # JAX_PLATFORMS=cpu: CPU it is
+  if plugin is not None:
+    logging.info("JAX backend %r installed: %s left at its default", plugin, what)
+    return False
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    initialized = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # private API moved: assume not yet (the CLI's case)
+    initialized = False
+  if initialized:
+    logging.warning("JAX's backends already exist: %s left as it is", what)
+    return False
+  return True
+
+
 def use_one_device_per_core(config) -> Optional[int]:
   """Set XLA_FLAGS' host device count for a CPU-only single-process run; returns the count set.
 
@@ -97,24 +132,54 @@ def use_one_device_per_core(config) -> Optional[int]:
   if not all(isinstance(d, int) and not isinstance(d, bool) and (d >= 1 or d == -1)
              for d in mesh):
     return None
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  first = platforms.split(",")[0].strip()
-  if platforms and first != "cpu":
-    return None
-  plugin = None if first == "cpu" else _accelerator_plugin()  # JAX_PLATFORMS=cpu: CPU it is
-  if plugin is not None:
-    logging.info("JAX backend %r installed: CPU device count left at its default", plugin)
-    return None
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    initialized = xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):  # private API moved: assume not yet (the CLI's case)
-    initialized = False
-  if initialized:
-    logging.warning("JAX's backends already exist: CPU device count left as it is")
+  if not _cpu_backend_to_come("CPU device count"):
     return None
   n = math.prod(mesh) if -1 not in mesh else device_count(usable_cores(), batch_size)
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}={n}".strip()
   logging.info("CPU-only run: the batch of %d split over %d CPU devices (one per core; set "
                "XLA_FLAGS=%s=N to choose)", batch_size, n, FLAG)
   return n
+
+
+def cpu_vendor(path: str = "/proc/cpuinfo") -> str:
+  """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD", ...); "" where it cannot be read."""
+  try:
+    with open(path) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+          return value.strip()
+  except OSError:
+    pass
+  return ""
+
+
+def eigen_convs_for(vendor: str) -> bool:
+  """Whether XLA's Eigen convolutions (not YNNPACK's) are the faster ones measured on `vendor`."""
+  return vendor in EIGEN_CONV_VENDORS
+
+
+def use_fastest_convolutions(vendor: Optional[str] = None) -> bool:
+  """Put EIGEN_CONVS in XLA_FLAGS on CPUs where Eigen's convolutions were measured faster.
+
+  Returns whether it did. Leaves everything as it is when XLA_FLAGS already sets YNN_FLAG (the
+  user's choice), when the run is not CPU-only or JAX's backends already exist (as
+  `use_one_device_per_core`), and on other vendors. `models/convolution.py` reads the same
+  XLA_FLAGS to pick the weight gradient that goes with the library (XLA's own with Eigen, L2
+  chunks with YNNPACK).
+  """
+  if YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
+    return False
+  vendor = cpu_vendor() if vendor is None else vendor
+  if not eigen_convs_for(vendor) or not _cpu_backend_to_come("the convolution library"):
+    return False
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {EIGEN_CONVS}".strip()
+  logging.info("CPU-only run on %s: convolutions on XLA's Eigen kernels, not YNNPACK (set "
+               "XLA_FLAGS=%s=... to choose)", vendor, YNN_FLAG)
+  return True
+
+
+def prepare_cpu(config) -> None:
+  """What the CLI entry points call before JAX starts: the device count and the conv library."""
+  use_one_device_per_core(config)
+  use_fastest_convolutions()

@@ -49,7 +49,7 @@ def main(argv):
   config = _CONFIG.value
   if not _distributed(config):  # multi-process launches choose their own device counts
     from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
-    cpu_devices.use_one_device_per_core(config)
+    cpu_devices.prepare_cpu(config)
   import jax  # pylint: disable=g-import-not-at-top
   initialize_distributed(config)
   logging.info("JAX process %d/%d, %d local devices", jax.process_index(), jax.process_count(),

@@ -1,4 +1,8 @@
 """The conv with a chunked weight gradient on CPU (models/convolution.py) against XLA's own."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +10,9 @@ import pytest
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from soda_jax import cpu_devices
 from soda_jax.models import convolution, layers, resnet
+from tests.test_config_checks import ROOT
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -207,8 +213,13 @@ def test_bfloat16_kernel_gets_a_bfloat16_gradient(monkeypatch):
 
 
 def test_mode_selection(monkeypatch):
+  """auto: chunks for YNNPACK's convolutions (XLA:CPU's default), XLA's own for Eigen's."""
   monkeypatch.delenv(convolution.ENV, raising=False)
-  assert convolution.weight_grad_mode() == ("chunks" if jax.default_backend() == "cpu" else "xla")
+  on_cpu = jax.default_backend() == "cpu"
+  monkeypatch.setenv("XLA_FLAGS", f"{cpu_devices.FLAG}=8")
+  assert convolution.weight_grad_mode() == ("chunks" if on_cpu else "xla")
+  monkeypatch.setenv("XLA_FLAGS", f"{cpu_devices.FLAG}=8 {cpu_devices.EIGEN_CONVS}")
+  assert convolution.weight_grad_mode() == "xla"
   monkeypatch.setenv(convolution.ENV, "taps")  # the per-tap matmuls of sessions 10-24: removed
   with pytest.raises(ValueError, match="SODA_CONV_WEIGHT_GRAD='taps'"):
     convolution.weight_grad_mode()
@@ -257,3 +268,56 @@ def test_conv_bench_measures_both_gradients_on_the_same_numbers():
   assert "| 16x6x3x4 | 1 of 2 |" in table
   with pytest.raises(ValueError, match="shape '16x32x128'"):
     conv_bench.parse_shape("16x32x128")
+
+
+@pytest.mark.parametrize("flags,want", [
+    ("", True),
+    ("--xla_force_host_platform_device_count=2", True),
+    (cpu_devices.EIGEN_CONVS, False),
+    (f"{cpu_devices.YNN_FLAG}=+eltwise,+reduce", True),
+    (f"{cpu_devices.YNN_FLAG}=+eltwise,-individual_convolution", False),
+    (f"{cpu_devices.YNN_FLAG}=individual_dot,reduce", False),  # a plain list replaces the default
+    (f"{cpu_devices.YNN_FLAG}=individual_convolution", True),
+    (f"{cpu_devices.EIGEN_CONVS} {cpu_devices.YNN_FLAG}=+eltwise", True),  # the last one wins
+])
+def test_which_library_runs_the_convolutions(flags, want):
+  assert convolution.ynnpack_convolutions(flags) is want
+
+
+_BOTH_LIBRARIES = """
+import numpy as np, jax, jax.numpy as jnp
+from soda_jax.models import convolution
+r = np.random.default_rng(0)
+x = jnp.asarray(r.normal(size=(8, 10, 10, 16)), jnp.float32)
+w = jnp.asarray(r.normal(size=(3, 3, 16, 24)) * 0.1, jnp.float32)
+def loss(x, w):
+  y = convolution.conv_general_dilated(x, w, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jnp.sum(jnp.sin(y)), y
+(l, y), (gx, gw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+txt = jax.jit(jax.grad(lambda w: loss(x, w)[0])).lower(w).compile().as_text()
+entry = txt[txt.index("ENTRY"):]  # Eigen's convs are plain instructions; YNNPACK's in fusions
+np.savez(OUT, y=y, gx=gx, gw=gw, mode=convolution.weight_grad_mode(),
+         eigen=" convolution(" in entry.split(chr(10) + "}")[0])
+"""
+
+
+def test_both_conv_libraries_compute_the_same_gradients(tmp_path):
+  """The machine picks YNNPACK + L2 chunks or Eigen + XLA's weight gradient
+  (cpu_devices.use_fastest_convolutions): both must give the same numbers. Each runs in its own
+  process, since XLA reads the library choice from XLA_FLAGS when it starts."""
+  out = {}
+  for name, flags in (("ynnpack", ""), ("eigen", cpu_devices.EIGEN_CONVS)):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", convolution.ENV)}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {flags}".strip(),
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               SODA_CONV_L2_BYTES=str(10 * 10 * (16 + 24) * 4))  # chunks of one example
+    path = tmp_path / f"{name}.npz"
+    subprocess.run([sys.executable, "-c", f"OUT = {str(path)!r}" + _BOTH_LIBRARIES], env=env,
+                   check=True, timeout=300, capture_output=True)
+    out[name] = np.load(path)
+  assert str(out["ynnpack"]["mode"]) == "chunks" and str(out["eigen"]["mode"]) == "xla"
+  assert not out["ynnpack"]["eigen"] and out["eigen"]["eigen"]  # the flag did switch libraries
+  for k in ("y", "gx", "gw"):
+    a, b = out["ynnpack"][k], out["eigen"][k]
+    assert np.abs(a - b).max() <= 2e-5 * np.abs(a).max(), k

@@ -1,4 +1,4 @@
-"""The CPU device count a CPU-only run picks from the machine (soda_jax/cpu_devices.py)."""
+"""What a CPU-only run picks from the machine (cpu_devices.py): device count, conv library."""
 import os
 import subprocess
 import sys
@@ -80,3 +80,55 @@ def test_a_mesh_fixed_in_full_sets_the_count():
   assert (n, count) == ("6", 6)
   n, count, _ = _devices_after({}, mesh=(0, 2))  # invalid: left to config_checks
   assert (n, count) == ("None", 1)
+
+
+def test_cpu_vendor_is_read_from_cpuinfo(tmp_path):
+  p = tmp_path / "cpuinfo"
+  p.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+               "processor\t: 1\nvendor_id\t: AuthenticAMD\n")
+  assert cpu_devices.cpu_vendor(str(p)) == "AuthenticAMD"
+  assert cpu_devices.cpu_vendor(str(tmp_path / "missing")) == ""
+
+
+_EIGEN = cpu_devices.EIGEN_CONVS
+
+
+@pytest.mark.parametrize("vendor,flags,want", [
+    ("GenuineIntel", "", _EIGEN),
+    ("GenuineIntel", f"{cpu_devices.FLAG}=2", f"{cpu_devices.FLAG}=2 {_EIGEN}"),
+    ("GenuineIntel", f"{cpu_devices.YNN_FLAG}=+eltwise", f"{cpu_devices.YNN_FLAG}=+eltwise"),
+    ("AuthenticAMD", "", ""),
+    ("", "", ""),  # vendor unknown: XLA's default (YNNPACK)
+])
+def test_the_conv_library_follows_the_vendor(monkeypatch, vendor, flags, want):
+  """Eigen's convolutions where they were measured faster (Intel); a library the user chose in
+  XLA_FLAGS is kept. (In this process JAX already runs: its backend check is stubbed.)"""
+  monkeypatch.setattr(cpu_devices, "_cpu_backend_to_come", lambda what: True)
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert cpu_devices.use_fastest_convolutions(vendor) == (want != flags)
+  assert os.environ["XLA_FLAGS"] == want
+
+
+def test_the_conv_library_is_left_once_jax_runs(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "")  # this process's backends exist: too late to choose
+  assert not cpu_devices.use_fastest_convolutions("GenuineIntel")
+  assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_cli_setup_sets_count_and_library_together():
+  """`prepare_cpu` (what the CLI entry points call) on this machine, in a fresh process."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(PYTHONPATH=ROOT)
+  code = ("import os, jax, ml_collections; from soda_jax import cpu_devices; "
+          "from soda_jax.models import convolution; "
+          "c = ml_collections.ConfigDict(dict(batch_size=64, mesh=dict(shape=(-1, 1)))); "
+          "cpu_devices.prepare_cpu(c); "
+          "print(jax.device_count(), convolution.weight_grad_mode(), os.environ['XLA_FLAGS'])")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  count, mode, flags = out.stdout.strip().split(" ", 2)
+  n = cpu_devices.device_count(cpu_devices.usable_cores(), 64)
+  eigen = cpu_devices.eigen_convs_for(cpu_devices.cpu_vendor())
+  assert int(count) == n
+  assert mode == ("xla" if eigen else "chunks")
+  assert flags == f"{cpu_devices.FLAG}={n}" + (f" {_EIGEN}" if eigen else "")

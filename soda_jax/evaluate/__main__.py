@@ -28,7 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
-  cpu_devices.use_one_device_per_core(_CONFIG.value)
+  cpu_devices.prepare_cpu(_CONFIG.value)
   import jax  # pylint: disable=g-import-not-at-top
   from soda_jax import checkpointing, config_checks, sharding, train_step as ts  # pylint: disable=g-import-not-at-top
   from soda_jax.data import sources  # pylint: disable=g-import-not-at-top

@@ -23,19 +23,25 @@ On GPU/TPU (any backend but CPU) `conv_general_dilated` *is* `lax.conv_general_d
 weight gradients are fine and nothing here changes their programs. Convs this does not cover
 (dilation, feature groups, layouts other than NHWC/HWIO, symbolic shapes of `jax.export`) also go
 to lax unchanged.
-`SODA_CONV_WEIGHT_GRAD` = auto (default: chunks on CPU) | chunks | xla overrides the choice when a
-program is traced, so the benchmark can time both sides; `SODA_CONV_L2_BYTES` pins the budget (the
-chunks, and so the last bits of the sums, otherwise follow the machine). A chunked conv is a
+
+The chunks are for YNNPACK, XLA:CPU's default convolution library. Where XLA runs convolutions on
+its Eigen kernels instead (`cpu_devices.use_fastest_convolutions`, Intel CPUs), whose weight
+gradient is as fast as their forward conv, `auto` keeps XLA's own gradient.
+`SODA_CONV_WEIGHT_GRAD` = auto (default) | chunks | xla overrides the choice when a program is
+traced, so the benchmark can time both sides; `SODA_CONV_L2_BYTES` pins the budget (the chunks,
+and so the last bits of the sums, otherwise follow the machine). A chunked conv is a
 `jax.custom_vjp`: reverse mode only (`jax.jvp` through it raises; nothing here uses forward mode).
 """
 import functools
 import math
 import os
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from soda_jax import cpu_devices
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODES = ("auto", "chunks", "xla")
@@ -60,9 +66,35 @@ def weight_grad_mode() -> str:
   if mode == "auto":
     # Measured (docs/benchmarks.md, session 25; batch 32, float32): CIFAR-10 peer network on 2
     # CPU devices 11.27 -> 8.79 s/step, on 1 device 9.88 (the earlier per-tap matmuls) -> 8.75 s;
-    # the demo level on 2 devices (0.388 vs 0.380-0.393 s), on 1 device 0.59 -> 0.42 s.
-    return "chunks" if jax.default_backend() == "cpu" else "xla"
+    # the demo level on 2 devices (0.388 vs 0.380-0.393 s), on 1 device 0.59 -> 0.42 s. That
+    # is YNNPACK's weight gradient. Eigen's (`cpu_devices.use_fastest_convolutions`) is already
+    # at the forward's speed and chunks slow it down (one core, batch 16, 32 px, 256 -> 256:
+    # 144 ms whole, 252 ms in chunks; session 27), so it keeps XLA's own.
+    if jax.default_backend() != "cpu":
+      return "xla"
+    return "chunks" if ynnpack_convolutions() else "xla"
   return mode
+
+
+def ynnpack_convolutions(xla_flags: Optional[str] = None) -> bool:
+  """Whether XLA:CPU runs convolutions on YNNPACK (its default) under these XLA_FLAGS (default:
+  the environment's, which XLA read when it started).
+
+  `--xla_cpu_experimental_ynn_fusion_type` takes a list: "+kind" / "-kind" edit the default set
+  (which holds individual_convolution), plain kinds replace it; the last setting wins.
+  """
+  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  value = None
+  for item in flags.split():
+    name, _, v = item.partition("=")
+    if name == cpu_devices.YNN_FLAG:
+      value = v
+  if value is None:
+    return True
+  kinds = [k.strip() for k in value.split(",") if k.strip()]
+  if any(k[0] in "+-" for k in kinds):
+    return "-individual_convolution" not in kinds
+  return "individual_convolution" in kinds
 
 
 def _is_nhwc(lhs, rhs, dimension_numbers) -> bool:

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from soda_jax import config_checks, sharding, train_step as ts
-from soda_jax.models import soda
+from soda_jax.models import convolution, soda
 from soda_jax.models.unet import level_sizes
 
 MODES = ("train", "encode", "sample", "data")
@@ -322,6 +322,7 @@ def run_benchmark(config: ml_collections.ConfigDict, mode: str = "train", steps:
       mesh=None, batch_size=config.batch_size, image_size=config.data.image_size,
       channels=config.data.channels, compute_dtype=config.compute_dtype,
       xla_flags=os.environ.get("XLA_FLAGS", ""),
+      conv_weight_grad=convolution.weight_grad_mode(),  # chunks | xla (models/convolution.py)
       compilation_cache_dir=jax.config.jax_compilation_cache_dir or "",
       peak_tflops_per_device=peak,
       peak_tflops_source=("--peak_tflops" if peak_tflops else
@@ -526,6 +527,8 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   config = f.config
+  from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.use_fastest_convolutions()  # the CLI's conv library; the device count stays XLA's
   # Only an explicit directory (compile_s then measures a hit); 'auto' stays off here so that
   # compile_s is a cold compile.
   if config.get("compilation_cache_dir") not in ("", "auto", None):

@@ -204,7 +204,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
-  cpu_devices.use_one_device_per_core(config)
+  cpu_devices.prepare_cpu(config)
   steps = ([int(s) for s in f.eval_steps] if f.eval_steps
            else [0, config.num_train_steps // 2, config.num_train_steps])
   results = run(config, f.workdir, [int(s) for s in f.seeds], steps)
