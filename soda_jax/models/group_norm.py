@@ -63,7 +63,9 @@ def _forward(x, a, b, groups, eps, act):
 
 def _backward(groups, eps, act, residuals, dout):
   del eps
-  x, mean, rstd, a, b = residuals
+  # The barrier keeps XLA from merging this recomputation with the forward's (CSE): merged, the
+  # forward's sigmoid(y) became a stored activation, one more write and read per norm.
+  x, mean, rstd, a, b = jax.lax.optimization_barrier(residuals)
   n, h, w, c = x.shape
   xhat = _normalise(x, mean, rstd)
   if act == "silu":  # silu'(y) = s (1 + y (1 - s)), s = sigmoid(y)
