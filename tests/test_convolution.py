@@ -309,7 +309,7 @@ def test_both_conv_libraries_compute_the_same_gradients(tmp_path):
   out = {}
   for name, flags in (("ynnpack", ""), ("eigen", cpu_devices.EIGEN_CONVS)):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", convolution.ENV)}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {flags}".strip(),
+    env.update(XLA_FLAGS=f"{cpu_devices.FLAG}=1 {flags}".strip(),
                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                SODA_CONV_L2_BYTES=str(10 * 10 * (16 + 24) * 4))  # chunks of one example
     path = tmp_path / f"{name}.npz"
