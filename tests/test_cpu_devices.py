@@ -110,7 +110,9 @@ def test_the_conv_library_follows_the_vendor(monkeypatch, vendor, flags, want):
 
 
 def test_the_conv_library_is_left_once_jax_runs(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "")  # this process's backends exist: too late to choose
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()  # this process's backends exist (also when this test runs first): too late
+  monkeypatch.setenv("XLA_FLAGS", "")
   assert not cpu_devices.use_fastest_convolutions("GenuineIntel")
   assert os.environ["XLA_FLAGS"] == ""
 
@@ -132,3 +134,69 @@ def test_cli_setup_sets_count_and_library_together():
   assert int(count) == n
   assert mode == ("xla" if eigen else "chunks")
   assert flags == f"{cpu_devices.FLAG}={n}" + (f" {_EIGEN}" if eigen else "")
+
+
+@pytest.mark.parametrize("environ,glibc,thp,want", [
+    ({}, (2, 36), "madvise", "glibc.malloc.hugetlb=1"),
+    ({}, (2, 35), "always", "glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, (2, 36), "madvise",
+     "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", None),  # opted out
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, (2, 36), "madvise", None),  # restarted
+    ({}, (2, 34), "madvise", None),  # glibc without the tunable
+    ({}, None, "madvise", None),  # not glibc (musl, ...)
+    ({}, (2, 36), "never", None),
+    ({}, (2, 36), "", None),  # no THP in this kernel
+])
+def test_huge_pages_env(environ, glibc, thp, want):
+  env = cpu_devices.huge_pages_env(dict(environ, KEEP="1"), glibc, thp)
+  if want is None:
+    assert env is None
+  else:
+    assert env["GLIBC_TUNABLES"] == want and env["KEEP"] == "1"
+
+
+def test_thp_mode_is_read_from_sysfs(tmp_path):
+  path = tmp_path / "enabled"
+  path.write_text("always [madvise] never\n")
+  assert cpu_devices.thp_mode(str(path)) == "madvise"
+  path.write_text("[always] madvise never\n")
+  assert cpu_devices.thp_mode(str(path)) == "always"
+  assert cpu_devices.thp_mode(str(tmp_path / "missing")) == ""
+
+
+def _after_huge_pages(env_extra):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "GLIBC_TUNABLES")}
+  env.update(env_extra, PYTHONPATH=ROOT)
+  code = ("import os, sys; from soda_jax import cpu_devices; r = cpu_devices.use_huge_pages(); "
+          "print(r, os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+  out = subprocess.run([sys.executable, "-c", code, "--an=arg"], env=env, capture_output=True,
+                       text=True, timeout=120, check=True)
+  return out.stdout.strip().splitlines()
+
+
+def test_cli_restarts_once_on_huge_pages_where_the_machine_has_them():
+  supported = cpu_devices.huge_pages_env({}, cpu_devices.glibc_version(),
+                                         cpu_devices.thp_mode()) is not None
+  lines = _after_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8"})
+  # One line: the first process was replaced (its print never ran); the restarted one has the
+  # tunable, the same arguments, and does not restart again.
+  if supported:
+    assert lines == ["False glibc.malloc.arena_max=8:glibc.malloc.hugetlb=1 ['--an=arg']"]
+  else:
+    assert lines == ["False glibc.malloc.arena_max=8 ['--an=arg']"]
+  assert _after_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == [
+      "False glibc.malloc.hugetlb=0 ['--an=arg']"]  # the user's choice is kept
+  assert _after_huge_pages({"JAX_PLATFORMS": "tpu"}) == ["False None ['--an=arg']"]
+
+
+def test_huge_pages_are_left_once_jax_runs(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()  # this test process's backends exist
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.setattr(cpu_devices, "glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(cpu_devices, "thp_mode", lambda path=None: "madvise")
+  calls = []
+  assert not cpu_devices.use_huge_pages(execve=lambda *a: calls.append(a))
+  assert not calls

@@ -322,6 +322,7 @@ def run_benchmark(config: ml_collections.ConfigDict, mode: str = "train", steps:
       mesh=None, batch_size=config.batch_size, image_size=config.data.image_size,
       channels=config.data.channels, compute_dtype=config.compute_dtype,
       xla_flags=os.environ.get("XLA_FLAGS", ""),
+      glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),  # huge pages (cpu_devices.py)
       conv_weight_grad=convolution.weight_grad_mode(),  # chunks | xla (models/convolution.py)
       compilation_cache_dir=jax.config.jax_compilation_cache_dir or "",
       peak_tflops_per_device=peak,
@@ -528,6 +529,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
+  cpu_devices.use_huge_pages()  # the CLI's memory pages (restarts the process once)
   cpu_devices.use_fastest_convolutions()  # the CLI's conv library; the device count stays XLA's
   # Only an explicit directory (compile_s then measures a hit); 'auto' stays off here so that
   # compile_s is a cold compile.
