@@ -232,9 +232,12 @@ def huge_pages_env(environ: Mapping[str, str], glibc: Optional[tuple],
 def use_huge_pages(execve: Callable[..., None] = os.execve) -> bool:
   """Restart this process (same interpreter, same command line) with glibc's malloc on
   transparent huge pages, for a CPU-only run whose JAX has not started. Returns False where it
-  does not (see `huge_pages_env`; also off Linux, and where JAX runs elsewhere or already runs);
+  does not (see `huge_pages_env`; also off Linux, in a notebook kernel or an interactive
+  interpreter, and where JAX runs elsewhere or already runs);
   on a restart it does not return. GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out."""
   if not sys.platform.startswith("linux"):
+    return False
+  if "ipykernel" in sys.modules or sys.flags.interactive:  # never restart a notebook's kernel
     return False
   env = huge_pages_env(os.environ, glibc_version(), thp_mode())
   if env is None or not _cpu_backend_to_come("the memory pages"):

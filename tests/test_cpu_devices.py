@@ -200,3 +200,21 @@ def test_huge_pages_are_left_once_jax_runs(monkeypatch):
   calls = []
   assert not cpu_devices.use_huge_pages(execve=lambda *a: calls.append(a))
   assert not calls
+
+
+def test_huge_pages_restart_passes_the_command_line_and_spares_notebooks(monkeypatch):
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+  monkeypatch.setattr(cpu_devices, "glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(cpu_devices, "thp_mode", lambda path=None: "madvise")
+  monkeypatch.setattr(cpu_devices, "_cpu_backend_to_come", lambda what: True)
+  monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "soda_jax.main", "--config=c.py"])
+  monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+  calls = []
+  assert cpu_devices.use_huge_pages(execve=lambda *a: calls.append(a))
+  (exe, argv, env), = calls
+  assert exe == sys.executable and argv == [sys.executable, "-m", "soda_jax.main", "--config=c.py"]
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  monkeypatch.setitem(sys.modules, "ipykernel", object())  # a Jupyter/Colab kernel
+  calls.clear()
+  assert not cpu_devices.use_huge_pages(execve=lambda *a: calls.append(a))
+  assert not calls
