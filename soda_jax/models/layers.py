@@ -34,14 +34,18 @@ def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = F
       conv_general_dilated=convolution.conv_general_dilated, name=name)
 
 
+def _dense_inits(zero_init: bool):
+  """(kernel_init, bias_init) of every dense layer, with their logical axes."""
+  init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
+  return (nn.with_logical_partitioning(init, DENSE_AXES),
+          nn.with_logical_partitioning(nn.initializers.zeros, ("embed_out",)))
+
+
 def dense(features: int, *, zero_init: bool = False, dtype: Dtype = jnp.float32,
           name: Optional[str] = None) -> nn.Dense:
-  init = nn.initializers.zeros if zero_init else nn.initializers.lecun_normal()
-  return nn.Dense(
-      features, dtype=dtype,
-      kernel_init=nn.with_logical_partitioning(init, DENSE_AXES),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed_out",)),
-      name=name)
+  kernel_init, bias_init = _dense_inits(zero_init)
+  return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init,
+                  name=name)
 
 
 def group_norm(num_groups: int, name: Optional[str] = None) -> group_norm_lib.GroupNorm:
@@ -172,12 +176,11 @@ class _HeadDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c_in = x.shape[-1] * (self.heads if not self.to_heads else 1)
-    init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, DENSE_AXES),
-                        (c_in, self.features), jnp.float32).astype(self.dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed_out",)),
-                      (self.features,), jnp.float32).astype(self.dtype)
+    c_in = x.shape[-1] if self.to_heads else self.heads * x.shape[-1]
+    kernel_init, bias_init = _dense_inits(self.zero_init)
+    kernel = self.param("kernel", kernel_init, (c_in, self.features), jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
     x = x.astype(self.dtype)
     if self.to_heads:
       k = self.features // c_in  # q, k, v -> 3
