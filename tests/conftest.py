@@ -17,10 +17,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # The convolution library the CLI picks on this machine (Eigen's on Intel, YNNPACK's with L2
-# chunks elsewhere: cpu_devices.py), so the suite tests the path a run here takes.
+# chunks elsewhere) and its barrier setting (cpu_devices.py), so the suite tests the path a run
+# here takes.
 from soda_jax import cpu_devices  # noqa: E402  pylint: disable=g-import-not-at-top
 
 cpu_devices.use_fastest_convolutions()
+cpu_devices.keep_optimization_barriers()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

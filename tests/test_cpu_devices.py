@@ -133,7 +133,33 @@ def test_cli_setup_sets_count_and_library_together():
   eigen = cpu_devices.eigen_convs_for(cpu_devices.cpu_vendor())
   assert int(count) == n
   assert mode == ("xla" if eigen else "chunks")
-  assert flags == f"{cpu_devices.FLAG}={n}" + (f" {_EIGEN}" if eigen else "")
+  keep = cpu_devices.cpu_vendor() in cpu_devices.KEEP_BARRIERS_VENDORS
+  assert flags == (f"{cpu_devices.FLAG}={n}" + (f" {_EIGEN}" if eigen else "")
+                   + (f" {cpu_devices.KEEP_BARRIERS}" if keep else ""))
+
+
+@pytest.mark.parametrize("vendor,flags,want", [
+    ("GenuineIntel", "", cpu_devices.KEEP_BARRIERS),
+    ("GenuineIntel", _EIGEN, f"{_EIGEN} {cpu_devices.KEEP_BARRIERS}"),
+    ("GenuineIntel", f"{cpu_devices.PASSES_FLAG}=algsimp", f"{cpu_devices.PASSES_FLAG}=algsimp"),
+    ("AuthenticAMD", "", ""),  # not measured there
+    ("", "", ""),
+])
+def test_barriers_are_kept_where_measured(monkeypatch, vendor, flags, want):
+  """The barrier pass is switched off on the vendors measured faster; a pass list the user gave
+  in XLA_FLAGS is kept as it is. (JAX's backend check stubbed, as above.)"""
+  monkeypatch.setattr(cpu_devices, "_cpu_backend_to_come", lambda what: True)
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert cpu_devices.keep_optimization_barriers(vendor) == (want != flags)
+  assert os.environ["XLA_FLAGS"] == want
+
+
+def test_barriers_are_left_once_jax_runs(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert not cpu_devices.keep_optimization_barriers("GenuineIntel")
+  assert os.environ["XLA_FLAGS"] == ""
 
 
 @pytest.mark.parametrize("environ,glibc,thp,want", [

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from soda_jax import cpu_devices
+from soda_jax.models import materialized_grad
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODES = ("auto", "chunks", "xla")
@@ -120,12 +121,15 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int],
              and _is_nhwc(lhs, rhs, dimension_numbers) and _ones(lhs_dilation)
              and _ones(rhs_dilation) and feature_group_count == 1 and batch_group_count == 1
              and preferred_element_type is None)
-  if not covered or mode == "xla":
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-        precision=precision, preferred_element_type=preferred_element_type)
+  xla_conv = functools.partial(
+      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
+  if not covered:
+    return xla_conv(lhs, rhs)
+  if mode == "xla":  # its weight gradient transposes the activation: from memory, not fused
+    return materialized_grad.wrap(xla_conv)(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)

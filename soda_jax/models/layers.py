@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from soda_jax.data import cameras
 from soda_jax.models import convolution
 from soda_jax.models import group_norm as group_norm_lib
+from soda_jax.models import materialized_grad
 
 Dtype = Any
 
@@ -185,10 +186,12 @@ class _HeadDense(nn.Module):
     if self.to_heads:
       k = self.features // c_in  # q, k, v -> 3
       dh = c_in // self.heads
-      out = jnp.einsum("blc,cknd->kbnld", x, kernel.reshape(c_in, k, self.heads, dh))
+      proj = lambda x, w: jnp.einsum("blc,cknd->kbnld", x, w)
+      out = materialized_grad.wrap(proj)(x, kernel.reshape(c_in, k, self.heads, dh))
       return out + bias.reshape(k, 1, self.heads, 1, dh)
     dh = x.shape[-1]
-    return jnp.einsum("bnld,ndc->blc", x, kernel.reshape(self.heads, dh, self.features)) + bias
+    proj = lambda x, w: jnp.einsum("bnld,ndc->blc", x, w)
+    return materialized_grad.wrap(proj)(x, kernel.reshape(self.heads, dh, self.features)) + bias
 
 
 class AttnBlock(nn.Module):

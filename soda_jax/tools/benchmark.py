@@ -531,6 +531,7 @@ def main(argv):
   from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
   cpu_devices.use_huge_pages()  # the CLI's memory pages (restarts the process once)
   cpu_devices.use_fastest_convolutions()  # the CLI's conv library; the device count stays XLA's
+  cpu_devices.keep_optimization_barriers()  # as the CLI
   # Only an explicit directory (compile_s then measures a hit); 'auto' stays off here so that
   # compile_s is a cold compile.
   if config.get("compilation_cache_dir") not in ("", "auto", None):

@@ -1,0 +1,57 @@
+"""Backward passes that read their operands from memory (CPU): `wrap(fn)`.
+
+Why: XLA:CPU fuses cheap elementwise producers into their consumers, recomputing them there. A
+weight gradient on CPU needs its operands transposed (Eigen's convolution wants the activation
+channels-first, YNNPACK's dots want the cotangent transposed), so XLA recomputes a GroupNorm or
+BatchNorm backward, or the activation it saved, inside the transposing copy, whose loop walks
+its inputs out of order: the CIFAR-10 peer step spent 1.6 of its 11.4 single-core seconds in
+such copies, 0.75 s of it in ones carrying fused elementwise work (docs/benchmarks.md,
+"Session 30"). An optimization barrier on the operands and the cotangent makes XLA write them
+out first, in order, and transpose the result.
+
+XLA:CPU drops optimization barriers before fusion unless its `cse_barrier_expander` pass is
+disabled (`cpu_devices.KEEP_BARRIERS`, which `cpu_devices.keep_optimization_barriers` puts in
+XLA_FLAGS for CPU-only CLI runs on the machines where it was measured faster). Without it the barrier is removed and the program is XLA's usual one; on
+other backends `materialized_grad` returns `fn` unchanged.
+"""
+import os
+from typing import Callable, Optional
+
+import jax
+from jax import lax
+
+from soda_jax import cpu_devices
+
+
+def barriers_kept(xla_flags: Optional[str] = None) -> bool:
+  """Whether XLA keeps optimization barriers under these XLA_FLAGS (default: the environment's)."""
+  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  for item in flags.split():
+    name, _, value = item.partition("=")
+    if name == cpu_devices.PASSES_FLAG and "cse_barrier_expander" in value.split(","):
+      return True
+  return False
+
+
+def wrap(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """fn(*arrays) -> array, whose VJP takes fn's operands and cotangent through a barrier.
+
+  The values are those of `jax.vjp(fn, ...)`; only XLA's fusion around them changes. Reverse
+  mode only (a `jax.custom_vjp`). Applies on CPU when `barriers_kept()`, else returns fn.
+  """
+  if jax.default_backend() != "cpu" or not barriers_kept():
+    return fn
+
+  @jax.custom_vjp
+  def wrapped(*args):
+    return fn(*args)
+
+  def fwd(*args):
+    return fn(*args), args
+
+  def bwd(args, g):
+    args, g = lax.optimization_barrier((args, g))
+    return jax.vjp(fn, *args)[1](g)
+
+  wrapped.defvjp(fwd, bwd)
+  return wrapped
