@@ -26,9 +26,12 @@ def get_config(arg=None):
   c.evals.probe_every_steps = 20000
   if a.arch == "peer":
     # Exactly the widely used PyTorch re-implementation's CIFAR-10 encoder/decoder: global
-    # modulation of every block by the whole 128-d z, attention at 16x16 only, dropout 0.1.
+    # modulation of every block by the whole 128-d z, attention at 16x16 only, dropout 0.1, and
+    # one attention head over all channels (its cifar10.yaml leaves attn_channels_per_head unset;
+    # before session 30 this config had 4 heads of 64).
     c.model.modulation = "global"
     c.model.decoder.dropout = 0.1
+    c.model.decoder.num_heads = 1
   elif a.arch != "soda":
     raise ValueError(f"config argument arch={a.arch!r} is not one of ('soda', 'peer')")
   if a.runlocal:
