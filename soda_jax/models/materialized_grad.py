@@ -4,10 +4,11 @@ Why: XLA:CPU fuses cheap elementwise producers into their consumers, recomputing
 weight gradient on CPU needs its operands transposed (Eigen's convolution wants the activation
 channels-first, YNNPACK's dots want the cotangent transposed), so XLA recomputes a GroupNorm or
 BatchNorm backward, or the activation it saved, inside the transposing copy, whose loop walks
-its inputs out of order: the CIFAR-10 peer step spent 1.6 of its 11.4 single-core seconds in
-such copies, 0.75 s of it in ones carrying fused elementwise work (docs/benchmarks.md,
-"Session 30"). An optimization barrier on the operands and the cotangent makes XLA write them
-out first, in order, and transpose the result.
+its inputs out of order: on one core the CIFAR-10 peer step spent 1.4-1.6 of its 11.4-12.1 s
+in transposing copies, 0.65-0.75 s of it in ones carrying fused elementwise work. An
+optimization barrier on the operands and the cotangent makes XLA write them out first, in
+order, and transpose the result: 1.1 s of copies, 0.35 s of them with fused work
+(docs/benchmarks.md, "Session 30").
 
 XLA:CPU drops optimization barriers before fusion unless its `cse_barrier_expander` pass is
 disabled (`cpu_devices.KEEP_BARRIERS`, which `cpu_devices.keep_optimization_barriers` puts in
