@@ -12,8 +12,8 @@ order, and transpose the result: 1.1 s of copies, 0.35 s of them with fused work
 
 XLA:CPU drops optimization barriers before fusion unless its `cse_barrier_expander` pass is
 disabled (`cpu_devices.KEEP_BARRIERS`, which `cpu_devices.keep_optimization_barriers` puts in
-XLA_FLAGS for CPU-only CLI runs on the machines where it was measured faster). Without it the barrier is removed and the program is XLA's usual one; on
-other backends `materialized_grad` returns `fn` unchanged.
+XLA_FLAGS for CPU-only CLI runs on the machines where it was measured faster). Without it
+`wrap` returns `fn` unchanged (XLA would drop the barrier anyway), as it does on other backends.
 """
 import os
 from typing import Callable, Optional
