@@ -29,6 +29,10 @@ step took ~660,000 page faults and 1.3 s of kernel time per step. glibc's
 step 6.34 -> 5.66 s on 2 devices, demo 0.344 -> 0.315 s (Intel Xeon; docs/benchmarks.md,
 "Session 29"). glibc reads its tunables only when a process starts, so the CLI restarts itself
 once with the tunable set.
+
+And whether XLA keeps `lax.optimization_barrier`s up to fusion (`keep_optimization_barriers`),
+which `models/materialized_grad.py` needs to keep norms' backward passes out of the weight
+gradients' transposing copies (Intel Xeon: peer step -3 to -13%, demo -10%; "Session 30").
 """
 import importlib.metadata
 import importlib.util
