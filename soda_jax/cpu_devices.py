@@ -193,6 +193,18 @@ def use_fastest_convolutions(vendor: Optional[str] = None) -> bool:
   return True
 
 
+def xla_flag_value(name: str, xla_flags: Optional[str] = None) -> Optional[str]:
+  """The value XLA takes for flag `name` (its last setting) in these XLA_FLAGS (default: the
+  environment's, which XLA read when it started); None where the flag is not set."""
+  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+  value = None
+  for item in flags.split():
+    key, _, v = item.partition("=")
+    if key == name:
+      value = v
+  return value
+
+
 # XLA:CPU keeps `lax.optimization_barrier`s up to fusion (models/materialized_grad.py) only with
 # its CSE-barrier expander off. Measured on the Intel Xeons (with Eigen's convolutions): the peer
 # step 6.55-6.83 -> 6.13-6.28 s, the demo's 0.350-0.355 -> 0.324-0.331 s (docs/benchmarks.md,
@@ -207,6 +219,7 @@ def keep_optimization_barriers(vendor: Optional[str] = None) -> bool:
   did. Leaves everything as it is when XLA_FLAGS already names PASSES_FLAG (the user's list),
   when the run is not CPU-only or JAX's backends already exist, and on other vendors."""
   if PASSES_FLAG in os.environ.get("XLA_FLAGS", ""):
+    logging.info("XLA_FLAGS sets %s: XLA's barrier passes left to it", PASSES_FLAG)
     return False
   vendor = cpu_vendor() if vendor is None else vendor
   if vendor not in KEEP_BARRIERS_VENDORS or not _cpu_backend_to_come("XLA's barrier passes"):

@@ -23,6 +23,7 @@ _KEEP = cpu_devices.KEEP_BARRIERS
     (f"{cpu_devices.PASSES_FLAG}=algsimp,cse_barrier_expander", True),
     (f"{cpu_devices.PASSES_FLAG}=algsimp", False),
     (f"{cpu_devices.PASSES_FLAG}=cse_barrier_expander_x", False),
+    (f"{_KEEP} {cpu_devices.PASSES_FLAG}=algsimp", False),  # XLA takes the last setting
 ])
 def test_barriers_kept_reads_xla_flags(flags, want):
   assert materialized_grad.barriers_kept(flags) is want

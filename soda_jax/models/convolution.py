@@ -84,12 +84,7 @@ def ynnpack_convolutions(xla_flags: Optional[str] = None) -> bool:
   `--xla_cpu_experimental_ynn_fusion_type` takes a list: "+kind" / "-kind" edit the default set
   (which holds individual_convolution), plain kinds replace it; the last setting wins.
   """
-  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-  value = None
-  for item in flags.split():
-    name, _, v = item.partition("=")
-    if name == cpu_devices.YNN_FLAG:
-      value = v
+  value = cpu_devices.xla_flag_value(cpu_devices.YNN_FLAG, xla_flags)
   if value is None:
     return True
   kinds = [k.strip() for k in value.split(",") if k.strip()]

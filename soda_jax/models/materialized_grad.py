@@ -15,7 +15,6 @@ disabled (`cpu_devices.KEEP_BARRIERS`, which `cpu_devices.keep_optimization_barr
 XLA_FLAGS for CPU-only CLI runs on the machines where it was measured faster). Without it
 `wrap` returns `fn` unchanged (XLA would drop the barrier anyway), as it does on other backends.
 """
-import os
 from typing import Callable, Optional
 
 import jax
@@ -26,12 +25,8 @@ from soda_jax import cpu_devices
 
 def barriers_kept(xla_flags: Optional[str] = None) -> bool:
   """Whether XLA keeps optimization barriers under these XLA_FLAGS (default: the environment's)."""
-  flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-  for item in flags.split():
-    name, _, value = item.partition("=")
-    if name == cpu_devices.PASSES_FLAG and "cse_barrier_expander" in value.split(","):
-      return True
-  return False
+  passes = cpu_devices.xla_flag_value(cpu_devices.PASSES_FLAG, xla_flags) or ""
+  return "cse_barrier_expander" in passes.split(",")
 
 
 def wrap(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
