@@ -92,3 +92,36 @@ def test_bad_groups_and_activation_are_named():
     group_norm.GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match="act='relu' is not one of"):
     group_norm.GroupNorm(num_groups=2).init(jax.random.PRNGKey(0), x, act="relu")
+
+
+def _exact_loss(params, x, cot, groups):
+  """float64, two-pass variance: the value the float32 ops approximate."""
+  n, h, w, c = x.shape
+  xg = x.reshape(n, h, w, groups, c // groups)
+  mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+  var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
+  y = ((xg - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * params["scale"] + params["bias"]
+  return jnp.sum(jax.nn.silu(y) * cot)
+
+
+def test_gradients_of_offset_activations_are_no_worse_than_flax():
+  # Activations far from zero mean (offset 10, std 1) stress E[x^2] - E[x]^2 and the per-channel
+  # sums of dy * x: the fused op's float32 gradients must stay as close to the exact float64
+  # ones as flax's own GroupNorm + autodiff.
+  shape, groups = (2, 8, 8, 16), 4
+  x = jax.random.normal(jax.random.PRNGKey(0), shape) + 10.0
+  cot = jax.random.normal(jax.random.PRNGKey(1), shape)
+  params = {"scale": jnp.ones(16), "bias": jnp.zeros(16)}
+  ours = jax.grad(lambda p, x: jnp.sum(group_norm.GroupNorm(num_groups=groups).apply(
+      {"params": p}, x, act="silu") * cot), (0, 1))(params, x)
+  flax = jax.grad(lambda p, x: jnp.sum(
+      _reference(p, x, None, None, groups, "silu") * cot), (0, 1))(params, x)
+  with jax.enable_x64(True):
+    exact = jax.grad(_exact_loss, (0, 1))(
+        jax.tree.map(lambda t: np.asarray(t, np.float64), params), np.asarray(x, np.float64),
+        np.asarray(cot, np.float64), groups)
+    exact = [np.asarray(e) for e in jax.tree.leaves(exact)]  # float64, kept outside the context
+  for o, f, e in zip(jax.tree.leaves(ours), jax.tree.leaves(flax), exact):
+    err_ours = float(np.max(np.abs(np.asarray(o, np.float64) - e)))
+    err_flax = float(np.max(np.abs(np.asarray(f, np.float64) - e)))
+    assert err_ours <= 1.5 * err_flax + 1e-6 * float(np.max(np.abs(e))), (err_ours, err_flax)
