@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from soda_jax.data import cameras
 from soda_jax.models import convolution
 from soda_jax.models import group_norm as group_norm_lib
-from soda_jax.models import materialized_grad
 
 Dtype = Any
 
@@ -159,43 +158,30 @@ class ResBlock(nn.Module):
     return x.astype(self.dtype) + h
 
 
-class _HeadDense(nn.Module):
-  """A `dense` layer's parameters (same names, shapes, init and logical axes: checkpoints and
-  exports see a plain Dense) applied straight to or from head-major (B, heads, L, dh) tensors.
-
-  Why: `jax.nn.dot_product_attention` on (B, L, heads, dh) leaves XLA:CPU batched dots whose
-  batch dims are not the leading ones, and it adds copies around them. Projecting into head-major
-  order and back in one einsum each made the whole attention block's forward + gradient 31%
-  faster on CPU (peer network's 16 px block, batch 32: 210 -> 144 ms; docs/benchmarks.md,
-  "Session 29"). On GPU/TPU this is the usual einsum form of multi-head attention.
-  """
-  features: int  # outputs of the equivalent Dense
-  heads: int
-  to_heads: bool  # True: (B, L, C) -> (k, B, heads, L, dh); False: (B, heads, L, dh) -> (B, L, C)
+class _DenseParams(nn.Module):
+  """A `dense` layer's kernel and bias (same names, shapes, init and logical axes: checkpoints
+  and exports see a plain Dense), returned instead of applied, for a caller that folds a
+  constant into them first."""
+  features: int
   zero_init: bool = False
-  dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    c_in = x.shape[-1] if self.to_heads else self.heads * x.shape[-1]
+  def __call__(self, c_in: int):
     kernel_init, bias_init = _dense_inits(self.zero_init)
-    kernel = self.param("kernel", kernel_init, (c_in, self.features), jnp.float32)
-    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
-    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
-    x = x.astype(self.dtype)
-    if self.to_heads:
-      k = self.features // c_in  # q, k, v -> 3
-      dh = c_in // self.heads
-      proj = lambda x, w: jnp.einsum("blc,cknd->kbnld", x, w)
-      out = materialized_grad.wrap(proj)(x, kernel.reshape(c_in, k, self.heads, dh))
-      return out + bias.reshape(k, 1, self.heads, 1, dh)
-    dh = x.shape[-1]
-    proj = lambda x, w: jnp.einsum("bnld,ndc->blc", x, w)
-    return materialized_grad.wrap(proj)(x, kernel.reshape(self.heads, dh, self.features)) + bias
+    return (self.param("kernel", kernel_init, (c_in, self.features), jnp.float32),
+            self.param("bias", bias_init, (self.features,), jnp.float32))
 
 
 class AttnBlock(nn.Module):
-  """Full self-attention over H*W positions with a zero-initialised output projection."""
+  """Full self-attention over H*W positions with a zero-initialised output projection.
+
+  Written for XLA:CPU's dot emitters as much as for the accelerators: one (B*L, C) x (C, 3C)
+  matmul for q, k and v with the 1/sqrt(dh) scale folded into q's columns of the kernel, and
+  attention on (B, L, heads, dh) slices of it (no head-dim einsum at all for one head). One
+  16 px, 256-channel block at batch 16, forward + gradient on one CPU core: 93 -> 72 ms
+  (1 head), 111 -> 99 ms (4 heads) against the head-major einsum form it replaced
+  (docs/benchmarks.md, "Session 31"). Logits and softmax are float32.
+  """
   num_heads: int = 0  # 0 -> derived from head_dim
   head_dim: int = 64
   num_groups: int = 32
@@ -207,14 +193,23 @@ class AttnBlock(nn.Module):
     heads = self.num_heads or max(1, c // self.head_dim)
     if c % heads:
       raise ValueError(f"AttnBlock: channels={c} not divisible by num_heads={heads}")
-    h = group_norm(self.num_groups, "norm")(x).astype(self.dtype).reshape(b, hgt * wid, c)
-    q, k, v = _HeadDense(3 * c, heads, to_heads=True, dtype=self.dtype, name="qkv")(h)
-    # (B, heads, L, dh) each. Logits and softmax in float32, as jax.nn.dot_product_attention.
-    logits = jnp.einsum("bnqd,bnkd->bnqk", q * (c // heads) ** -0.5, k,
-                        preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bnqk,bnkd->bnqd", probs, v)
-    out = _HeadDense(c, heads, to_heads=False, zero_init=True, dtype=self.dtype, name="out")(out)
+    length, dh = hgt * wid, c // heads
+    h = group_norm(self.num_groups, "norm")(x).astype(self.dtype).reshape(b * length, c)
+    kernel, bias = _DenseParams(3 * c, name="qkv")(c)
+    scale = jnp.concatenate([jnp.full((c,), dh ** -0.5), jnp.ones((2 * c,))])
+    qkv = h @ (kernel * scale).astype(self.dtype) + (bias * scale).astype(self.dtype)
+    q, k, v = (qkv[:, i * c:(i + 1) * c].reshape(b, length, heads, dh) for i in range(3))
+    if heads == 1:
+      logits = jnp.einsum("bqd,bkd->bqk", q[:, :, 0], k[:, :, 0],
+                          preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bqk,bkd->bqd", probs, v[:, :, 0])
+    else:
+      logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+    kernel, bias = _DenseParams(c, zero_init=True, name="out")(c)
+    out = out.reshape(b * length, c) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
     return x + out.reshape(b, hgt, wid, c).astype(x.dtype)
 
 
