@@ -37,16 +37,15 @@ def _group_stats(x: jax.Array, groups: int, eps: float):
   """(mean, rstd), each (N, G), over H, W and each group's channels; float32.
 
   Summed per channel first (a reduction over H*W that keeps the contiguous channel axis, which
-  XLA:CPU vectorises), then per group: 4-5x faster on CPU than one reduction over the
+  XLA:CPU vectorises), then per group: 2-5.5x faster on one CPU core than one reduction over the
   (H*W, channels-of-group) axes of an (N, H*W, G, C/G) view (docs/benchmarks.md, "Session 31").
   """
-  n, h, w, c = x.shape
+  _, h, w, c = x.shape
   xf = x.astype(jnp.float32)
   size = h * w * (c // groups)  # elements per group
-  s1 = jnp.sum(jnp.sum(xf, axis=(1, 2)).reshape(n, groups, -1), axis=2)  # (N, G)
-  s2 = jnp.sum(jnp.sum(jnp.square(xf), axis=(1, 2)).reshape(n, groups, -1), axis=2)
-  mean = s1 / size
-  var = jnp.maximum(s2 / size - jnp.square(mean), 0.0)
+  mean = _group_sum(jnp.sum(xf, axis=(1, 2)), groups) / size  # (N, G)
+  mean_sq = _group_sum(jnp.sum(jnp.square(xf), axis=(1, 2)), groups) / size
+  var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
   return mean, jax.lax.rsqrt(var + eps)
 
 
