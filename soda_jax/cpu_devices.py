@@ -32,7 +32,8 @@ once with the tunable set.
 
 And whether XLA keeps `lax.optimization_barrier`s up to fusion (`keep_optimization_barriers`),
 which `models/materialized_grad.py` needs to keep norms' backward passes out of the weight
-gradients' transposing copies (Intel Xeon: peer step -3 to -13%, demo -10%; "Session 30").
+gradients' transposing copies (Intel Xeon: peer step -3 to -13%, demo -10%; "Session 30"), and
+`models/group_norm.py` to compute its per-channel coefficients once instead of in every element.
 """
 import importlib.metadata
 import importlib.util
