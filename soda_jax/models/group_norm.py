@@ -17,7 +17,7 @@ backward recomputes y from x and the saved statistics (N, G), then needs two sum
     dx = rstd (dy a - mean_g(dy a) - xhat mean_g(dy a xhat)) = dy scale + x q + r
 
 where both group means, and so q and r, come from da, db and a alone. Summing per channel first
-(the contiguous axis) and materialising the (N, C) coefficients made this op 2-3.5x faster on
+(the contiguous axis) and materialising the (N, C) coefficients made this op 1.5-3.5x faster on
 one CPU core than the per-group form it replaced (docs/benchmarks.md, "Session 31").
 Statistics and output are float32 (as the flax GroupNorm it replaces, with dtype=float32); the
 variance is E[x^2] - E[x]^2 clipped at 0, flax's default (`use_fast_variance`). Parameter names,

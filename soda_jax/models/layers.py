@@ -123,7 +123,7 @@ class Dropout(nn.Module):
 
   Why: threefry bits dominate dropout on CPU (nn.Dropout at (16, 32, 32, 128) on one core: 16.7
   ms, against 0.6 ms for a multiply), and 16 bits resolve any rate to 1/65536; half the words
-  took it to 10.2 ms (docs/benchmarks.md, "Session 31"). The words keep x's leading axes, so a
+  took it to 10.4 ms (docs/benchmarks.md, "Session 31"). The words keep x's leading axes, so a
   batch-sharded x gets batch-sharded bits. The rate is rounded to k/65536 and kept elements are
   scaled by the rounded keep probability, so E[out] = x exactly. Draws from the "dropout" rng.
   """
