@@ -21,20 +21,24 @@ EPYC measured the two were level with XLA's own weight gradient (10.99 vs 10.83 
 and YNNPACK's weight gradient gains most from `models/convolution.py`'s L2 chunks, so AMD and
 unknown CPUs keep YNNPACK. The choice is by CPU vendor because those are the machines measured.
 
-And the pages XLA's buffers live in (`use_huge_pages`). A train step allocates and frees GBs
-(XLA's buffers, Eigen's packing buffers: 76 MB each for the peer network's weight gradients)
+And the allocator XLA's buffers come from (`use_fast_malloc`). A train step allocates and frees
+GBs (XLA's buffers, Eigen's packing buffers: 76 MB each for the peer network's weight gradients)
 through glibc's malloc, which maps large blocks fresh and unmaps them on free: the CIFAR-10 peer
 step took ~660,000 page faults and 1.3 s of kernel time per step. glibc's
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` backs those blocks with transparent 2 MiB pages: peer
 step 6.34 -> 5.66 s on 2 devices, demo 0.344 -> 0.315 s (Intel Xeon; docs/benchmarks.md,
-"Session 29"). glibc reads its tunables only when a process starts, so the CLI restarts itself
-once with the tunable set.
+"Session 29"); the zeroing of fresh pages still cost ~0.3 s of kernel time per 2-device peer
+step. gperftools' tcmalloc, where the machine has it (Debian 12: libtcmalloc-minimal4),
+keeps freed blocks for reuse: no faults after the first step, peer step -3% and compile -16%
+against the huge pages, the demo's compile -15% (Intel Xeon; "Session 32"). The tunable and
+LD_PRELOAD are read only when a process starts, so the CLI restarts itself once with them set.
 
 And whether XLA keeps `lax.optimization_barrier`s up to fusion (`keep_optimization_barriers`),
 which `models/materialized_grad.py` needs to keep norms' backward passes out of the weight
 gradients' transposing copies (Intel Xeon: peer step -3 to -13%, demo -10%; "Session 30"), and
 `models/group_norm.py` to compute its per-channel coefficients once instead of in every element.
 """
+import ctypes.util
 import importlib.metadata
 import importlib.util
 import math
@@ -271,22 +275,54 @@ def huge_pages_env(environ: Mapping[str, str], glibc: Optional[tuple],
   return env
 
 
-def use_huge_pages(execve: Callable[..., None] = os.execve) -> bool:
+PRELOAD = "LD_PRELOAD"
+TCMALLOC = "tcmalloc_minimal"  # gperftools' malloc (Debian 12: libtcmalloc-minimal4)
+
+
+def tcmalloc_library() -> Optional[str]:
+  """The soname of gperftools' tcmalloc where the dynamic linker finds it, else None."""
+  return ctypes.util.find_library(TCMALLOC)
+
+
+def tcmalloc_env(environ: Mapping[str, str],
+                 library: Callable[[], Optional[str]] = tcmalloc_library) -> Optional[dict]:
+  """The environment to restart with for tcmalloc, or None: LD_PRELOAD already set (to anything,
+  empty included: the user's choice, which also ends the restart) or no tcmalloc installed."""
+  if PRELOAD in environ:
+    return None
+  lib = library()
+  if lib is None:
+    return None
+  env = dict(environ)
+  env[PRELOAD] = lib
+  return env
+
+
+def use_fast_malloc(execve: Callable[..., None] = os.execve,
+                    library: Callable[[], Optional[str]] = tcmalloc_library) -> bool:
   """Restart this process (same interpreter, same command line) with glibc's malloc on
-  transparent huge pages, for a CPU-only run whose JAX has not started. Returns False where it
-  does not (see `huge_pages_env`; also off Linux, in a notebook kernel or an interactive
-  interpreter, and where JAX runs elsewhere or already runs);
-  on a restart it does not return. GLIBC_TUNABLES=glibc.malloc.hugetlb=0 opts out."""
+  transparent huge pages (`huge_pages_env`) and with tcmalloc preloaded where it is installed
+  (`tcmalloc_env`; glibc's tunable then has no effect but is set all the same, so the restart
+  ends the same way everywhere), for a CPU-only run whose JAX has not started. Returns False
+  where there is nothing to set, off Linux, in a notebook kernel or an interactive interpreter,
+  and where JAX runs elsewhere or already runs; on a restart it does not return.
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps 4 KiB pages, LD_PRELOAD= (empty) glibc's malloc.
+  """
   if not sys.platform.startswith("linux"):
     return False
   if "ipykernel" in sys.modules or sys.flags.interactive:  # never restart a notebook's kernel
     return False
-  env = huge_pages_env(os.environ, glibc_version(), thp_mode())
-  if env is None or not _cpu_backend_to_come("the memory pages"):
+  pages = huge_pages_env(os.environ, glibc_version(), thp_mode())
+  preload = tcmalloc_env(pages or os.environ, library)
+  env = preload or pages
+  if env is None or not _cpu_backend_to_come("the memory allocator"):
     return False
   argv = [sys.executable] + list(getattr(sys, "orig_argv", sys.argv))[1:]
-  logging.info("CPU-only run: restarting with %s=%s (XLA's buffers on transparent huge pages; "
-               "set %s=%s=0 to keep 4 KiB pages)", TUNABLES, env[TUNABLES], TUNABLES, HUGETLB)
+  logging.info("CPU-only run: restarting with %s=%s%s (XLA's buffers on transparent huge pages%s; "
+               "set %s=%s=0 to keep 4 KiB pages%s)", TUNABLES, env.get(TUNABLES, ""),
+               f" {PRELOAD}={env[PRELOAD]}" if preload else "",
+               ", reused by tcmalloc" if preload else "", TUNABLES, HUGETLB,
+               f", {PRELOAD}= to keep glibc's malloc" if preload else "")
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
@@ -295,9 +331,9 @@ def use_huge_pages(execve: Callable[..., None] = os.execve) -> bool:
 
 
 def prepare_cpu(config) -> None:
-  """What the CLI entry points call before JAX starts: huge pages (restarts the process once),
+  """What the CLI entry points call before JAX starts: the allocator (restarts the process once),
   the device count, the conv library and XLA's barrier passes."""
-  use_huge_pages()
+  use_fast_malloc()
   use_one_device_per_core(config)
   use_fastest_convolutions()
   keep_optimization_barriers()

@@ -191,30 +191,47 @@ def test_thp_mode_is_read_from_sysfs(tmp_path):
   assert cpu_devices.thp_mode(str(tmp_path / "missing")) == ""
 
 
-def _after_huge_pages(env_extra):
+@pytest.mark.parametrize("environ,library,want", [
+    ({}, "libtcmalloc_minimal.so.4", "libtcmalloc_minimal.so.4"),
+    ({}, None, None),  # not installed
+    ({"LD_PRELOAD": ""}, "libtcmalloc_minimal.so.4", None),  # opted out (glibc's malloc)
+    ({"LD_PRELOAD": "libjemalloc.so.2"}, "libtcmalloc_minimal.so.4", None),  # the user's
+    ({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}, "libtcmalloc_minimal.so.4", None),  # restarted
+])
+def test_tcmalloc_env(environ, library, want):
+  env = cpu_devices.tcmalloc_env(dict(environ, KEEP="1"), lambda: library)
+  if want is None:
+    assert env is None
+  else:
+    assert env["LD_PRELOAD"] == want and env["KEEP"] == "1"
+
+
+def _after_fast_malloc(env_extra):
   env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "GLIBC_TUNABLES")}
+         if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "GLIBC_TUNABLES", "LD_PRELOAD")}
   env.update(env_extra, PYTHONPATH=ROOT)
-  code = ("import os, sys; from soda_jax import cpu_devices; r = cpu_devices.use_huge_pages(); "
-          "print(r, os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+  code = ("import os, sys; from soda_jax import cpu_devices; r = cpu_devices.use_fast_malloc(); "
+          "maps = open('/proc/self/maps').read(); "
+          "print(r, os.environ.get('GLIBC_TUNABLES'), os.environ.get('LD_PRELOAD'), "
+          "'tcmalloc' in maps, sys.argv[1:])")
   out = subprocess.run([sys.executable, "-c", code, "--an=arg"], env=env, capture_output=True,
                        text=True, timeout=120, check=True)
   return out.stdout.strip().splitlines()
 
 
-def test_cli_restarts_once_on_huge_pages_where_the_machine_has_them():
-  supported = cpu_devices.huge_pages_env({}, cpu_devices.glibc_version(),
-                                         cpu_devices.thp_mode()) is not None
-  lines = _after_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8"})
+def test_cli_restarts_once_with_huge_pages_and_tcmalloc_where_the_machine_has_them():
+  pages = cpu_devices.huge_pages_env({}, cpu_devices.glibc_version(),
+                                     cpu_devices.thp_mode()) is not None
+  lib = cpu_devices.tcmalloc_library()
+  tunables = "glibc.malloc.arena_max=8" + (":glibc.malloc.hugetlb=1" if pages else "")
+  lines = _after_fast_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8"})
   # One line: the first process was replaced (its print never ran); the restarted one has the
-  # tunable, the same arguments, and does not restart again.
-  if supported:
-    assert lines == ["False glibc.malloc.arena_max=8:glibc.malloc.hugetlb=1 ['--an=arg']"]
-  else:
-    assert lines == ["False glibc.malloc.arena_max=8 ['--an=arg']"]
-  assert _after_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == [
-      "False glibc.malloc.hugetlb=0 ['--an=arg']"]  # the user's choice is kept
-  assert _after_huge_pages({"JAX_PLATFORMS": "tpu"}) == ["False None ['--an=arg']"]
+  # tunable, tcmalloc mapped where installed, the same arguments, and does not restart again.
+  assert lines == [f"False {tunables} {lib} {lib is not None} ['--an=arg']"]
+  # The user's choices are kept: 4 KiB pages, glibc's malloc.
+  assert _after_fast_malloc({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "LD_PRELOAD": ""}) == [
+      "False glibc.malloc.hugetlb=0  False ['--an=arg']"]
+  assert _after_fast_malloc({"JAX_PLATFORMS": "tpu"}) == ["False None None False ['--an=arg']"]
 
 
 def test_huge_pages_are_left_once_jax_runs(monkeypatch):
@@ -224,7 +241,7 @@ def test_huge_pages_are_left_once_jax_runs(monkeypatch):
   monkeypatch.setattr(cpu_devices, "glibc_version", lambda: (2, 36))
   monkeypatch.setattr(cpu_devices, "thp_mode", lambda path=None: "madvise")
   calls = []
-  assert not cpu_devices.use_huge_pages(execve=lambda *a: calls.append(a))
+  assert not cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a), library=lambda: None)
   assert not calls
 
 
@@ -236,11 +253,26 @@ def test_huge_pages_restart_passes_the_command_line_and_spares_notebooks(monkeyp
   monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "soda_jax.main", "--config=c.py"])
   monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
   calls = []
-  assert cpu_devices.use_huge_pages(execve=lambda *a: calls.append(a))
+  assert cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a), library=lambda: None)
   (exe, argv, env), = calls
   assert exe == sys.executable and argv == [sys.executable, "-m", "soda_jax.main", "--config=c.py"]
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert "LD_PRELOAD" not in env
+  monkeypatch.delenv("LD_PRELOAD", raising=False)  # tcmalloc installed: one restart, both set
+  calls.clear()
+  assert cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a),
+                                     library=lambda: "libtcmalloc_minimal.so.4")
+  (_, _, env), = calls
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # no huge pages to add
+  calls.clear()
+  assert cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a),
+                                     library=lambda: "libtcmalloc_minimal.so.4")
+  (_, _, env), = calls
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
   monkeypatch.setitem(sys.modules, "ipykernel", object())  # a Jupyter/Colab kernel
   calls.clear()
-  assert not cpu_devices.use_huge_pages(execve=lambda *a: calls.append(a))
+  assert not cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a), library=lambda: None)
   assert not calls

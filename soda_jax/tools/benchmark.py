@@ -323,6 +323,7 @@ def run_benchmark(config: ml_collections.ConfigDict, mode: str = "train", steps:
       channels=config.data.channels, compute_dtype=config.compute_dtype,
       xla_flags=os.environ.get("XLA_FLAGS", ""),
       glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),  # huge pages (cpu_devices.py)
+      ld_preload=os.environ.get("LD_PRELOAD", ""),  # tcmalloc where installed (cpu_devices.py)
       conv_weight_grad=convolution.weight_grad_mode(),  # chunks | xla (models/convolution.py)
       compilation_cache_dir=jax.config.jax_compilation_cache_dir or "",
       peak_tflops_per_device=peak,
@@ -529,7 +530,7 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   from soda_jax import cpu_devices  # pylint: disable=g-import-not-at-top
-  cpu_devices.use_huge_pages()  # the CLI's memory pages (restarts the process once)
+  cpu_devices.use_fast_malloc()  # the CLI's allocator (restarts the process once)
   cpu_devices.use_fastest_convolutions()  # the CLI's conv library; the device count stays XLA's
   cpu_devices.keep_optimization_barriers()  # as the CLI
   # Only an explicit directory (compile_s then measures a hit); 'auto' stays off here so that
