@@ -318,11 +318,13 @@ def use_fast_malloc(execve: Callable[..., None] = os.execve,
   if env is None or not _cpu_backend_to_come("the memory allocator"):
     return False
   argv = [sys.executable] + list(getattr(sys, "orig_argv", sys.argv))[1:]
-  logging.info("CPU-only run: restarting with %s=%s%s (XLA's buffers on transparent huge pages%s; "
-               "set %s=%s=0 to keep 4 KiB pages%s)", TUNABLES, env.get(TUNABLES, ""),
-               f" {PRELOAD}={env[PRELOAD]}" if preload else "",
-               ", reused by tcmalloc" if preload else "", TUNABLES, HUGETLB,
-               f", {PRELOAD}= to keep glibc's malloc" if preload else "")
+  if preload:
+    logging.info("CPU-only run: restarting with %s=%s (XLA's buffers from tcmalloc, reused across "
+                 "steps; set %s= to keep glibc's malloc) and %s=%s", PRELOAD, env[PRELOAD],
+                 PRELOAD, TUNABLES, env.get(TUNABLES, ""))
+  else:
+    logging.info("CPU-only run: restarting with %s=%s (XLA's buffers on transparent huge pages; "
+                 "set %s=%s=0 to keep 4 KiB pages)", TUNABLES, env[TUNABLES], TUNABLES, HUGETLB)
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
