@@ -29,8 +29,8 @@ step took ~660,000 page faults and 1.3 s of kernel time per step. glibc's
 step 6.34 -> 5.66 s on 2 devices, demo 0.344 -> 0.315 s (Intel Xeon; docs/benchmarks.md,
 "Session 29"); the zeroing of fresh pages still cost ~0.3 s of kernel time per 2-device peer
 step. gperftools' tcmalloc, where the machine has it (Debian 12: libtcmalloc-minimal4),
-keeps freed blocks for reuse: no faults after the first step, peer step -3% and compile -16%
-against the huge pages, the demo's compile -15% (Intel Xeon; "Session 32"). The tunable and
+keeps freed blocks for reuse: almost no faults after the first step, peer step -2% and compile
+-15% against the huge pages, the demo's compile -15% (Intel Xeon; "Session 32"). The tunable and
 LD_PRELOAD are read only when a process starts, so the CLI restarts itself once with them set.
 
 And whether XLA keeps `lax.optimization_barrier`s up to fusion (`keep_optimization_barriers`),
@@ -44,6 +44,7 @@ import importlib.util
 import math
 import os
 import pkgutil
+import subprocess
 import sys
 from typing import Callable, Mapping, Optional
 
@@ -279,9 +280,27 @@ PRELOAD = "LD_PRELOAD"
 TCMALLOC = "tcmalloc_minimal"  # gperftools' malloc (Debian 12: libtcmalloc-minimal4)
 
 
-def tcmalloc_library() -> Optional[str]:
-  """The soname of gperftools' tcmalloc where the dynamic linker finds it, else None."""
-  return ctypes.util.find_library(TCMALLOC)
+def _loader_cache() -> str:
+  """`ldconfig -p`: the libraries the dynamic loader finds by soname; "" where it cannot run."""
+  for exe in ("/sbin/ldconfig", "ldconfig"):
+    try:
+      return subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10,
+                            env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "")}).stdout
+    except (OSError, subprocess.SubprocessError):
+      continue
+  return ""
+
+
+def tcmalloc_library(cache: Callable[[], str] = _loader_cache) -> Optional[str]:
+  """The soname of gperftools' tcmalloc where the dynamic loader finds it, else None.
+
+  `ctypes.util.find_library` falls back to gcc's `-l` search (LIBRARY_PATH, a conda prefix) when
+  the loader's cache misses, and a soname found that way may not load: only the cache's count.
+  """
+  name = ctypes.util.find_library(TCMALLOC)
+  if name is None or f"\t{name} (" not in cache():
+    return None
+  return name
 
 
 def tcmalloc_env(environ: Mapping[str, str],
@@ -313,15 +332,19 @@ def use_fast_malloc(execve: Callable[..., None] = os.execve,
   if "ipykernel" in sys.modules or sys.flags.interactive:  # never restart a notebook's kernel
     return False
   pages = huge_pages_env(os.environ, glibc_version(), thp_mode())
+  if pages is None and PRELOAD in os.environ:  # nothing to set (the usual restarted process)
+    return False
+  if not _cpu_backend_to_come("the memory allocator"):  # before the loader-cache lookups
+    return False
   preload = tcmalloc_env(pages or os.environ, library)
   env = preload or pages
-  if env is None or not _cpu_backend_to_come("the memory allocator"):
+  if env is None:
     return False
   argv = [sys.executable] + list(getattr(sys, "orig_argv", sys.argv))[1:]
   if preload:
     logging.info("CPU-only run: restarting with %s=%s (XLA's buffers from tcmalloc, reused across "
-                 "steps; set %s= to keep glibc's malloc) and %s=%s", PRELOAD, env[PRELOAD],
-                 PRELOAD, TUNABLES, env.get(TUNABLES, ""))
+                 "steps; set %s= to keep glibc's malloc)%s", PRELOAD, env[PRELOAD], PRELOAD,
+                 f" and {TUNABLES}={env[TUNABLES]}" if pages else "")
   else:
     logging.info("CPU-only run: restarting with %s=%s (XLA's buffers on transparent huge pages; "
                  "set %s=%s=0 to keep 4 KiB pages)", TUNABLES, env[TUNABLES], TUNABLES, HUGETLB)

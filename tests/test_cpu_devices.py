@@ -1,4 +1,5 @@
 """What a CPU-only run picks from the machine (cpu_devices.py): device count, conv library."""
+import ctypes.util
 import os
 import subprocess
 import sys
@@ -243,10 +244,27 @@ def test_huge_pages_are_left_once_jax_runs(monkeypatch):
   calls = []
   assert not cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a), library=lambda: None)
   assert not calls
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # tcmalloc alone: left too,
+  monkeypatch.delenv("LD_PRELOAD", raising=False)  # without looking it up
+  looked = []
+  assert not cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a),
+                                         library=lambda: looked.append(1) or "libtcmalloc.so")
+  assert not calls and not looked
+
+
+def test_tcmalloc_library_counts_only_the_loaders_cache(monkeypatch):
+  listed = ("\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => "
+            "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4\n")
+  monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libtcmalloc_minimal.so.4")
+  assert cpu_devices.tcmalloc_library(lambda: listed) == "libtcmalloc_minimal.so.4"
+  assert cpu_devices.tcmalloc_library(lambda: "") is None  # gcc's -l search found it, not ld.so
+  monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+  assert cpu_devices.tcmalloc_library(lambda: listed) is None
 
 
 def test_huge_pages_restart_passes_the_command_line_and_spares_notebooks(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+  monkeypatch.delenv("LD_PRELOAD", raising=False)
   monkeypatch.setattr(cpu_devices, "glibc_version", lambda: (2, 36))
   monkeypatch.setattr(cpu_devices, "thp_mode", lambda path=None: "madvise")
   monkeypatch.setattr(cpu_devices, "_cpu_backend_to_come", lambda what: True)
@@ -258,8 +276,7 @@ def test_huge_pages_restart_passes_the_command_line_and_spares_notebooks(monkeyp
   assert exe == sys.executable and argv == [sys.executable, "-m", "soda_jax.main", "--config=c.py"]
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
   assert "LD_PRELOAD" not in env
-  monkeypatch.delenv("LD_PRELOAD", raising=False)  # tcmalloc installed: one restart, both set
-  calls.clear()
+  calls.clear()  # tcmalloc installed: one restart, both set
   assert cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a),
                                      library=lambda: "libtcmalloc_minimal.so.4")
   (_, _, env), = calls
