@@ -297,10 +297,11 @@ def tcmalloc_library(cache: Callable[[], str] = _loader_cache) -> Optional[str]:
   `ctypes.util.find_library` falls back to gcc's `-l` search (LIBRARY_PATH, a conda prefix) when
   the loader's cache misses, and a soname found that way may not load: only the cache's count.
   """
-  name = ctypes.util.find_library(TCMALLOC)
-  if name is None or f"\t{name} (" not in cache():
+  listing = cache()
+  if f"lib{TCMALLOC}.so" not in listing:  # the usual miss, without find_library's gcc search
     return None
-  return name
+  name = ctypes.util.find_library(TCMALLOC)
+  return name if name is not None and f"\t{name} (" in listing else None
 
 
 def tcmalloc_env(environ: Mapping[str, str],
