@@ -322,8 +322,8 @@ def use_fast_malloc(execve: Callable[..., None] = os.execve,
                     library: Callable[[], Optional[str]] = tcmalloc_library) -> bool:
   """Restart this process (same interpreter, same command line) with glibc's malloc on
   transparent huge pages (`huge_pages_env`) and with tcmalloc preloaded where it is installed
-  (`tcmalloc_env`; glibc's tunable then has no effect but is set all the same, so the restart
-  ends the same way everywhere), for a CPU-only run whose JAX has not started. Returns False
+  (`tcmalloc_env`; glibc's tunable then has no effect, but is set all the same so that each
+  opt-out below stays independent of the other), for a CPU-only run whose JAX has not started. Returns False
   where there is nothing to set, off Linux, in a notebook kernel or an interactive interpreter,
   and where JAX runs elsewhere or already runs; on a restart it does not return.
   GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps 4 KiB pages, LD_PRELOAD= (empty) glibc's malloc.
