@@ -16,10 +16,12 @@ The same goes for which library runs the convolutions (`use_fastest_convolutions
 (jaxlib 0.10) hands them to YNNPACK by default; its Eigen kernels are the other choice. On the
 Intel Xeons measured (AVX-512 + AMX) Eigen's 3x3 convs run their forward, input and weight
 gradients at PyTorch's (oneDNN) speed where YNNPACK's are 20-60% slower at 256-512 channels, and
-the CIFAR-10 peer step fell from 9.47 to 7.93 s (docs/benchmarks.md, session 27); on the AMD
-EPYC measured the two were level with XLA's own weight gradient (10.99 vs 10.83 s, session 21),
-and YNNPACK's weight gradient gains most from `models/convolution.py`'s L2 chunks, so AMD and
-unknown CPUs keep YNNPACK. The choice is by CPU vendor because those are the machines measured.
+the CIFAR-10 peer step fell from 9.47 to 7.93 s (docs/benchmarks.md, session 27). On the AMD EPYC
+(Zen 4, AVX-512) the two were level in session 21, before the optimization barriers below and the
+allocator work; with today's code Eigen + the barriers take the peer step from 10.1-10.8 to
+8.1-8.3 s and the demo's from 0.51-0.59 to 0.38-0.41 s ("Session 33"). So both x86 vendors get
+Eigen; other CPUs (not measured) keep XLA's default. With YNNPACK the weight gradient runs in
+`models/convolution.py`'s L2 chunks, with Eigen it is XLA's own.
 
 And the allocator XLA's buffers come from (`use_fast_malloc`). A train step allocates and frees
 GBs (XLA's buffers, Eigen's packing buffers: 76 MB each for the peer network's weight gradients)
@@ -35,8 +37,9 @@ LD_PRELOAD are read only when a process starts, so the CLI restarts itself once 
 
 And whether XLA keeps `lax.optimization_barrier`s up to fusion (`keep_optimization_barriers`),
 which `models/materialized_grad.py` needs to keep norms' backward passes out of the weight
-gradients' transposing copies (Intel Xeon: peer step -3 to -13%, demo -10%; "Session 30"), and
-`models/group_norm.py` to compute its per-channel coefficients once instead of in every element.
+gradients' transposing copies (Intel Xeon: peer step -3 to -13%, demo -10%, "Session 30"; AMD
+EPYC: peer step -7 to -9%, one run against three, "Session 33"), and `models/group_norm.py` to
+compute its per-channel coefficients once instead of in every element.
 """
 import ctypes.util
 import importlib.metadata
@@ -55,7 +58,7 @@ MAX_DEVICES = 8  # the most measured (the test suite's 8 fake devices)
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_CONVS = f"{YNN_FLAG}=-individual_convolution"  # convolutions off YNNPACK: XLA's Eigen
 # CPU vendors (/proc/cpuinfo's vendor_id) on which Eigen's convolutions were measured faster.
-EIGEN_CONV_VENDORS = ("GenuineIntel",)
+EIGEN_CONV_VENDORS = ("GenuineIntel", "AuthenticAMD")
 
 
 def device_count(cores: int, batch_size: int) -> int:
@@ -214,10 +217,11 @@ def xla_flag_value(name: str, xla_flags: Optional[str] = None) -> Optional[str]:
 # XLA:CPU keeps `lax.optimization_barrier`s up to fusion (models/materialized_grad.py) only with
 # its CSE-barrier expander off. Measured on the Intel Xeons (with Eigen's convolutions): the peer
 # step 6.55-6.83 -> 6.13-6.28 s, the demo's 0.350-0.355 -> 0.324-0.331 s (docs/benchmarks.md,
-# "Session 30"); elsewhere not measured, so left off.
+# "Session 30"); on the AMD EPYC (Zen 4) with Eigen 8.93 -> 8.10-8.31 s ("Session 33"). Other
+# CPUs are not measured, so left off.
 PASSES_FLAG = "--xla_disable_hlo_passes"
 KEEP_BARRIERS = f"{PASSES_FLAG}=cse_barrier_expander"
-KEEP_BARRIERS_VENDORS = ("GenuineIntel",)
+KEEP_BARRIERS_VENDORS = ("GenuineIntel", "AuthenticAMD")
 
 
 def keep_optimization_barriers(vendor: Optional[str] = None) -> bool:
@@ -323,9 +327,9 @@ def use_fast_malloc(execve: Callable[..., None] = os.execve,
   """Restart this process (same interpreter, same command line) with glibc's malloc on
   transparent huge pages (`huge_pages_env`) and with tcmalloc preloaded where it is installed
   (`tcmalloc_env`; glibc's tunable then has no effect, but is set all the same so that each
-  opt-out below stays independent of the other), for a CPU-only run whose JAX has not started. Returns False
-  where there is nothing to set, off Linux, in a notebook kernel or an interactive interpreter,
-  and where JAX runs elsewhere or already runs; on a restart it does not return.
+  opt-out below stays independent of the other), for a CPU-only run whose JAX has not started.
+  Returns False where there is nothing to set, off Linux, in a notebook kernel or an interactive
+  interpreter, and where JAX runs elsewhere or already runs; on a restart it does not return.
   GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps 4 KiB pages, LD_PRELOAD= (empty) glibc's malloc.
   """
   if not sys.platform.startswith("linux"):

@@ -98,11 +98,12 @@ _EIGEN = cpu_devices.EIGEN_CONVS
     ("GenuineIntel", "", _EIGEN),
     ("GenuineIntel", f"{cpu_devices.FLAG}=2", f"{cpu_devices.FLAG}=2 {_EIGEN}"),
     ("GenuineIntel", f"{cpu_devices.YNN_FLAG}=+eltwise", f"{cpu_devices.YNN_FLAG}=+eltwise"),
-    ("AuthenticAMD", "", ""),
+    ("AuthenticAMD", "", _EIGEN),
     ("", "", ""),  # vendor unknown: XLA's default (YNNPACK)
+    ("CentaurHauls", "", ""),  # not measured: XLA's default
 ])
 def test_the_conv_library_follows_the_vendor(monkeypatch, vendor, flags, want):
-  """Eigen's convolutions where they were measured faster (Intel); a library the user chose in
+  """Eigen's convolutions where they were measured faster (Intel, AMD); a library the user chose in
   XLA_FLAGS is kept. (In this process JAX already runs: its backend check is stubbed.)"""
   monkeypatch.setattr(cpu_devices, "_cpu_backend_to_come", lambda what: True)
   monkeypatch.setenv("XLA_FLAGS", flags)
@@ -143,8 +144,9 @@ def test_cli_setup_sets_count_and_library_together():
     ("GenuineIntel", "", cpu_devices.KEEP_BARRIERS),
     ("GenuineIntel", _EIGEN, f"{_EIGEN} {cpu_devices.KEEP_BARRIERS}"),
     ("GenuineIntel", f"{cpu_devices.PASSES_FLAG}=algsimp", f"{cpu_devices.PASSES_FLAG}=algsimp"),
-    ("AuthenticAMD", "", ""),  # not measured there
+    ("AuthenticAMD", "", cpu_devices.KEEP_BARRIERS),
     ("", "", ""),
+    ("CentaurHauls", "", ""),  # not measured there
 ])
 def test_barriers_are_kept_where_measured(monkeypatch, vendor, flags, want):
   """The barrier pass is switched off on the vendors measured faster; a pass list the user gave

@@ -25,7 +25,7 @@ weight gradients are fine and nothing here changes their programs. Convs this do
 to lax unchanged.
 
 The chunks are for YNNPACK, XLA:CPU's default convolution library. Where XLA runs convolutions on
-its Eigen kernels instead (`cpu_devices.use_fastest_convolutions`, Intel CPUs), whose weight
+its Eigen kernels instead (`cpu_devices.use_fastest_convolutions`, Intel and AMD CPUs), whose weight
 gradient is as fast as their forward conv, `auto` keeps XLA's own gradient.
 `SODA_CONV_WEIGHT_GRAD` = auto (default) | chunks | xla overrides the choice when a program is
 traced, so the benchmark can time both sides; `SODA_CONV_L2_BYTES` pins the budget (the chunks,
