@@ -6,7 +6,8 @@ python -m soda_jax.main --config=configs/nvs_synthetic.py --workdir=/tmp/soda_nv
 evaluate/nvs.py scores samples of held-out views of unseen objects with 1 and 3 source views
 against copying the nearest source view and the latent-free model (workdir/nvs_eval.json).
 
-Measured (2-core AMD EPYC, 2 CPU devices, docs/benchmarks.md): 1.64-1.84 steps/s when alone, so
+Measured (2-core AMD EPYC, 2 CPU devices, YNNPACK's convolutions (AMD's default until session 33;
+not rerun since), docs/benchmarks.md): 1.64-1.84 steps/s when alone, so
 ~15 min of training plus ~1-2 min of NVS evaluation (renders cached); on a 2-core Intel Xeon
 with Eigen's convolutions (session 28) 2.45-2.59 steps/s, the whole run 11 min, and its three
 seeds 13.06 / 13.34 dB (0.10-0.17 under YNNPACK's on every seed). After these 1600 steps, three

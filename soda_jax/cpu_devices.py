@@ -19,7 +19,7 @@ gradients at PyTorch's (oneDNN) speed where YNNPACK's are 20-60% slower at 256-5
 the CIFAR-10 peer step fell from 9.47 to 7.93 s (docs/benchmarks.md, session 27). On the AMD EPYC
 (Zen 4, AVX-512) the two were level in session 21, before the optimization barriers below and the
 allocator work; with today's code Eigen + the barriers take the peer step from 10.1-10.8 to
-8.1-8.3 s and the demo's from 0.51-0.59 to 0.38-0.41 s ("Session 33"). So both x86 vendors get
+8.1-8.4 s and the demo's from 0.51-0.59 to 0.38-0.41 s ("Session 33"). So Intel and AMD get
 Eigen; other CPUs (not measured) keep XLA's default. With YNNPACK the weight gradient runs in
 `models/convolution.py`'s L2 chunks, with Eigen it is XLA's own.
 

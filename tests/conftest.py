@@ -16,9 +16,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# The convolution library the CLI picks on this machine (Eigen's on Intel, YNNPACK's with L2
-# chunks elsewhere) and its barrier setting (cpu_devices.py), so the suite tests the path a run
-# here takes.
+# The convolution library the CLI picks on this machine (Eigen's on Intel and AMD, YNNPACK's
+# with L2 chunks elsewhere) and its barrier setting (cpu_devices.py), so the suite tests the path
+# a run here takes.
 from soda_jax import cpu_devices  # noqa: E402  pylint: disable=g-import-not-at-top
 
 cpu_devices.use_fastest_convolutions()
