@@ -217,7 +217,7 @@ def xla_flag_value(name: str, xla_flags: Optional[str] = None) -> Optional[str]:
 # XLA:CPU keeps `lax.optimization_barrier`s up to fusion (models/materialized_grad.py) only with
 # its CSE-barrier expander off. Measured on the Intel Xeons (with Eigen's convolutions): the peer
 # step 6.55-6.83 -> 6.13-6.28 s, the demo's 0.350-0.355 -> 0.324-0.331 s (docs/benchmarks.md,
-# "Session 30"); on the AMD EPYC (Zen 4) with Eigen 8.93 -> 8.10-8.31 s ("Session 33"). Other
+# "Session 30"); on the AMD EPYC (Zen 4) with Eigen 8.93 -> 8.10-8.43 s ("Session 33"). Other
 # CPUs are not measured, so left off.
 PASSES_FLAG = "--xla_disable_hlo_passes"
 KEEP_BARRIERS = f"{PASSES_FLAG}=cse_barrier_expander"
