@@ -322,12 +322,23 @@ def tcmalloc_env(environ: Mapping[str, str],
   return env
 
 
+def fast_malloc_env(environ: Mapping[str, str],
+                    library: Callable[[], Optional[str]] = tcmalloc_library) -> Optional[dict]:
+  """`environ` with what a CPU process should start with: glibc's malloc on transparent huge
+  pages (`huge_pages_env`) and tcmalloc preloaded where it is installed (`tcmalloc_env`; glibc's
+  tunable then has no effect, but is set all the same so that each opt-out stays independent of
+  the other). None where there is nothing to set. The CLI restarts into it (`use_fast_malloc`);
+  the test suite starts its worker processes in it (tests/conftest.py)."""
+  pages = huge_pages_env(environ, glibc_version(), thp_mode())
+  if pages is None and PRELOAD in environ:  # nothing to set (the usual restarted process)
+    return None
+  return tcmalloc_env(pages or environ, library) or pages
+
+
 def use_fast_malloc(execve: Callable[..., None] = os.execve,
                     library: Callable[[], Optional[str]] = tcmalloc_library) -> bool:
-  """Restart this process (same interpreter, same command line) with glibc's malloc on
-  transparent huge pages (`huge_pages_env`) and with tcmalloc preloaded where it is installed
-  (`tcmalloc_env`; glibc's tunable then has no effect, but is set all the same so that each
-  opt-out below stays independent of the other), for a CPU-only run whose JAX has not started.
+  """Restart this process (same interpreter, same command line) in `fast_malloc_env`, for a
+  CPU-only run whose JAX has not started.
   Returns False where there is nothing to set, off Linux, in a notebook kernel or an interactive
   interpreter, and where JAX runs elsewhere or already runs; on a restart it does not return.
   GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps 4 KiB pages, LD_PRELOAD= (empty) glibc's malloc.
@@ -341,10 +352,10 @@ def use_fast_malloc(execve: Callable[..., None] = os.execve,
     return False
   if not _cpu_backend_to_come("the memory allocator"):  # before the loader-cache lookups
     return False
-  preload = tcmalloc_env(pages or os.environ, library)
-  env = preload or pages
+  env = fast_malloc_env(os.environ, library)
   if env is None:
     return False
+  preload = env.get(PRELOAD) != os.environ.get(PRELOAD)
   argv = [sys.executable] + list(getattr(sys, "orig_argv", sys.argv))[1:]
   if preload:
     logging.info("CPU-only run: restarting with %s=%s (XLA's buffers from tcmalloc, reused across "

@@ -23,6 +23,11 @@ from soda_jax import cpu_devices  # noqa: E402  pylint: disable=g-import-not-at-
 
 cpu_devices.use_fastest_convolutions()
 cpu_devices.keep_optimization_barriers()
+# The xdist workers start after this file is read (here, in the controller) and inherit its
+# environment: they run on the allocator the CLI restarts into (tcmalloc where installed, else
+# glibc's malloc on huge pages; the CLI's subprocesses keep it), where XLA compiles faster
+# (docs/benchmarks.md, "Session 34"). With -n 0 only the test's subprocesses get it.
+os.environ.update(cpu_devices.fast_malloc_env(os.environ) or {})
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
