@@ -5,13 +5,14 @@ XLA_FLAGS must be set before JAX is imported anywhere, hence at the top of conft
 """
 import os
 
-# LLVM level 1 instead of 3 for every test program: the tiny train step compiles in 31 s
-# instead of 38-44 s at the same step time (0.20 vs 0.21 s); only XLA:CPU's LLVM passes change,
-# not the HLO (docs/benchmarks.md, "Test suite"). Subprocesses inherit these flags, so they
-# share the compilation cache with the test processes.
+# LLVM level 0 instead of 3 for every test program: most of them run a few times, and XLA:CPU
+# compiles them ~30% faster than at level 1 (the suite 722 -> 651 s on a 2-core AMD EPYC) for
+# ~2x slower kernels; only XLA:CPU's LLVM passes change, not the HLO (docs/benchmarks.md, "Test
+# suite", session 34). The few tests that run hundreds of steps take `optimized_kernels` below.
+# Subprocesses inherit these flags, so they share the compilation cache with the test processes.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_backend_optimization_level=1"
+    " --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -28,6 +29,8 @@ cpu_devices.keep_optimization_barriers()
 # glibc's malloc on huge pages; the CLI's subprocesses keep it), where XLA compiles faster
 # (docs/benchmarks.md, "Session 34"). With -n 0 only the test's subprocesses get it.
 os.environ.update(cpu_devices.fast_malloc_env(os.environ) or {})
+
+import functools  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -62,6 +65,21 @@ def pytest_collection_modifyitems(config, items):
     if groups and "@" not in item.nodeid:
       tagged = f"{item.nodeid}@{'_'.join(sorted(groups))}"
       item._id = NodeId.parse(tagged)  # pylint: disable=protected-access
+
+
+@pytest.fixture
+def optimized_kernels(monkeypatch):
+  """LLVM level 1 for the programs this test jits (the suite's is 0, above): for the tests that
+  run a program for hundreds of steps, where faster kernels pay for the longer compile
+  (decoder-uses-z 84 -> 42 s, demo-loss-falls 108 -> 86 s in the suite, session 34). Programs
+  jitted elsewhere (module level, earlier tests) keep their level."""
+  jit = jax.jit
+
+  def jit_at_level_1(fun=None, /, **kwargs):
+    kwargs.setdefault("compiler_options", {"xla_backend_optimization_level": 1})
+    return functools.partial(jit_at_level_1, **kwargs) if fun is None else jit(fun, **kwargs)
+
+  monkeypatch.setattr(jax, "jit", jit_at_level_1)
 
 
 def pytest_configure(config):

@@ -30,7 +30,7 @@ from soda_jax.data import pipeline, sources
 from soda_jax import export as export_lib
 from soda_jax.export import safetensors_io, stablehlo, torchvision as tv, variables as V
 from soda_jax.models import soda
-from tests import bn_tiny
+from tests import bn_tiny, torch_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_IDX = all(os.path.exists(p) for p in sources.idx_paths("test"))
@@ -152,11 +152,21 @@ def _encode(config, variables, images):
   return tuple(np.asarray(a) for a in fn(variables, images))
 
 
-def _torch_features(path, images):
-  """(h, z) from torchvision in a fresh torch process (strict load, eval mode)."""
+@pytest.fixture(scope="module")
+def torch_side():
+  """`torchvision.run_torch`'s answers from one torch process for the module (tests/
+  torch_worker.py): seven fresh processes cost ~35 s of imports. `run_torch` itself runs in
+  the export notebook, the ONNX export and the CLI exports."""
+  worker = torch_worker.TorchWorker()
+  yield worker.run
+  worker.close()
+
+
+def _torch_features(run_torch, path, images):
+  """(h, z) from torchvision in the torch process (strict load, eval mode)."""
   d = os.path.dirname(path)
   np.save(os.path.join(d, "images.npy"), images)
-  tv.run_torch("features", path, os.path.join(d, "images.npy"), os.path.join(d, "torch.npz"))
+  run_torch("features", path, os.path.join(d, "images.npy"), os.path.join(d, "torch.npz"))
   out = np.load(os.path.join(d, "torch.npz"))
   return out["h"], out["z"]
 
@@ -168,14 +178,14 @@ def _max_err(a, b):
 # ------------------------------------------------------------------------------ torchvision
 @needs_torch
 @pytest.mark.parametrize("depth", [18, 50])
-def test_torchvision_names_shapes_match_torchvision_itself(depth):
+def test_torchvision_names_shapes_match_torchvision_itself(depth, torch_side):
   """Our state_dict == torchvision.models.resnetNN(num_classes=latent)'s: names, shapes, dtypes;
   and build_resnet at width 64 / imagenet stem / 3 channels is that model unchanged."""
   config = bn_tiny.config(depth, "imagenet", width=64, image_size=32)
   abstract = V.abstract_variables(V.build_model(config), config)
   zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   ours = {k: [list(v.shape), str(v.dtype)] for k, v in tv.state_dict(zeros, step=3).items()}
-  theirs = json.loads(tv.run_torch("keys", str(depth), str(config.model.latent_dim)))
+  theirs = json.loads(torch_side("keys", str(depth), str(config.model.latent_dim)))
   assert ours == theirs["torchvision"]
   assert theirs["build_resnet"] == theirs["torchvision"]
 
@@ -185,7 +195,7 @@ def test_torchvision_names_shapes_match_torchvision_itself(depth):
     (18, "cifar", "random"), (50, "imagenet", "random"),
     (18, "cifar", "trained"), (50, "imagenet", "encoder_steps"),
 ])
-def test_torchvision_parity(depth, stem, weights, request, tmp_path):
+def test_torchvision_parity(depth, stem, weights, request, tmp_path, torch_side):
   if weights == "trained":
     config, workdir = request.getfixturevalue("r18")
     paths = request.getfixturevalue("r18_export")
@@ -201,7 +211,7 @@ def test_torchvision_parity(depth, stem, weights, request, tmp_path):
     assert max(np.abs(v - (k[-1] == "var")).max() for k, v in stats.items()) > 1e-3
   images = _images(config)
   h, z = _encode(config, variables, images)
-  th, tz = _torch_features(paths["torchvision"], images)
+  th, tz = _torch_features(torch_side, paths["torchvision"], images)
   err_h, err_z = _max_err(h, th), _max_err(z, tz)
   print(f"\ntorchvision parity R{depth} {stem} {weights}: max|h| {np.abs(h).max():.3g}, "
         f"max abs err h {err_h:.3g}, z {err_z:.3g}")
@@ -212,14 +222,14 @@ def test_torchvision_parity(depth, stem, weights, request, tmp_path):
 
 
 @needs_torch
-def test_torchvision_full_width_r18(tmp_path):
+def test_torchvision_full_width_r18(tmp_path, torch_side):
   """Width 64, imagenet stem, 3 channels: torchvision's resnet18 itself (no swap)."""
   config = bn_tiny.config(18, "imagenet", width=64, image_size=32)
   variables = _random_variables(config, seed=2)
   path = tv.save(str(tmp_path / "r18.safetensors"), variables, config, step=0)
   images = _images(config, n=4)
   h, z = _encode(config, variables, images)
-  th, tz = _torch_features(path, images)
+  th, tz = _torch_features(torch_side, path, images)
   err_h, err_z = _max_err(h, th), _max_err(z, tz)
   print(f"\ntorchvision resnet18 (width 64, unmodified): max abs err h {err_h:.3g}, z {err_z:.3g}")
   assert err_h < TOL_TORCH and err_z < TOL_TORCH

@@ -170,7 +170,7 @@ def test_odd_image_size_roundtrips_through_unet():
 
 
 @pytest.mark.slow
-def test_decoder_uses_z():
+def test_decoder_uses_z(optimized_kernels):  # pylint: disable=unused-argument
   """Train encoder+decoder on a fixed batch; the loss must be clearly lower with the true z.
 
   x0-prediction (a supported target) puts weight on high noise, where x_t alone says little

@@ -22,11 +22,12 @@ import jax
 import numpy as np
 import pytest
 
-from soda_jax import checkpointing
+from soda_jax import checkpointing, cpu_devices
 from tests.test_config_checks import ROOT
 from tests.test_train import check_rule_layout
 
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+LEVEL = "--xla_backend_optimization_level"
 TIMEOUT = int(os.environ.get("SODA_MP_TIMEOUT", "900"))  # per launch; 2 busy cores are slow
 STEPS = 6  # ~1.5-2 s a step: each gloo collective goes over TCP (18 FSDP all-gathers a step)
 COMMON = ["--config.mesh.shape=(2,4)", "--config.checkpoint_every_steps=2",
@@ -43,7 +44,7 @@ class _Launch:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     # The suite's LLVM level (conftest); the launcher adds its own device count.
     env.update(PYTHON=sys.executable, PYTHONPATH=ROOT, SODA_LOG_DIR=str(self.logs),
-               XLA_FLAGS="--xla_backend_optimization_level=1")
+               XLA_FLAGS=f"{LEVEL}={cpu_devices.xla_flag_value(LEVEL)}")
     self.proc = subprocess.Popen(
         ["bash", LAUNCH, "2", "configs/tiny.py", f"--workdir={workdir}", *COMMON, *flags],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
