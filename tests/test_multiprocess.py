@@ -1,14 +1,14 @@
-"""Multi-host for real, on one machine: 2 processes x 4 CPU devices = one (2, 4) mesh, gloo
+"""Multi-host for real, on one machine: 2 processes x 2 CPU devices = one (2, 2) mesh, gloo
 collectives, each process reading its own share of the data (launch/local_multiprocess.sh).
 
 One test, four launches of both processes. Launch (a) compiles each program once (process 0
 compiles and hands the binary over); the restarts load them from the suite's persistent cache
-on both processes (multihost.share_cpu_compilation_cache; 128 s cold, alone, on a 2-core AMD
-EPYC). (a) a straight run, whose end-of-run sample grid and probe table only process 0 writes
+on both processes (multihost.share_cpu_compilation_cache; 89 s cold, alone, on a 2-core AMD
+EPYC in session 34). (a) a straight run, whose end-of-run sample grid and probe table only process 0 writes
 (d); (c) SIGTERM to ONE process: both stop at the same step, save it and exit 0; (b) the
 restart resumes there, both processes are SIGKILLed after its next checkpoint, and the next
 restart ends with params bitwise equal to (a)'s. (a)'s checkpoint also shows the layout a real
-(2, 4) run saves (the suite's only train step on an FSDP mesh). Checkpoints are saved
+(2, 2) run saves (the suite's only train step on an FSDP mesh). Checkpoints are saved
 asynchronously, as in real runs (the product default; session 5's async hang no longer occurs).
 Every wait has a timeout, and the process group is killed on the way out.
 """
@@ -30,7 +30,11 @@ LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 LEVEL = "--xla_backend_optimization_level"
 TIMEOUT = int(os.environ.get("SODA_MP_TIMEOUT", "900"))  # per launch; 2 busy cores are slow
 STEPS = 6  # ~1.5-2 s a step: each gloo collective goes over TCP (18 FSDP all-gathers a step)
-COMMON = ["--config.mesh.shape=(2,4)", "--config.checkpoint_every_steps=2",
+# Devices per process: the mesh's fsdp axis within each process, its data axis across the two.
+# 2 rather than 4: the same layouts and collectives, and the test 107-112 -> 89 s alone (AMD EPYC,
+# docs/benchmarks.md, session 34).
+FSDP = 2
+COMMON = [f"--config.mesh.shape=(2,{FSDP})", "--config.checkpoint_every_steps=2",
           "--config.log_every_steps=2",
           # The suite's cache (conftest): programs compiled by one launch load in the next.
           f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"]
@@ -44,6 +48,7 @@ class _Launch:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     # The suite's LLVM level (conftest); the launcher adds its own device count.
     env.update(PYTHON=sys.executable, PYTHONPATH=ROOT, SODA_LOG_DIR=str(self.logs),
+               SODA_LOCAL_DEVICES=str(FSDP),
                XLA_FLAGS=f"{LEVEL}={cpu_devices.xla_flag_value(LEVEL)}")
     self.proc = subprocess.Popen(
         ["bash", LAUNCH, "2", "configs/tiny.py", f"--workdir={workdir}", *COMMON, *flags],
@@ -86,7 +91,7 @@ def _params(workdir, step):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SODA_MULTIPROCESS_TEST") == "0", reason=(
-    "SODA_MULTIPROCESS_TEST=0 (a local opt-out; CI runs it): 128 s alone on a 2-core AMD EPYC "
+    "SODA_MULTIPROCESS_TEST=0 (a local opt-out; CI runs it): 89 s alone on a 2-core AMD EPYC "
     "(docs/benchmarks.md, 'Multi-host and fault tolerance')"))
 def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   # (a) + (d): straight run with an end-of-run sample grid.
@@ -101,16 +106,16 @@ def test_two_processes_straight_sigterm_kill_resume_and_samples(tmp_path):
   # The end-of-run probe (features encoded over the 8-device mesh, probes fitted on each
   # process) prints its table on process 0 only.
   assert f"SODA after {STEPS} steps" in run.log(0) and "SODA after" not in run.log(1)
-  assert "process 1/2" in run.log(1) and "Mesh {'data': 2, 'fsdp': 4}" in run.log(0)
+  assert "process 1/2" in run.log(1) and f"Mesh {{'data': 2, 'fsdp': {FSDP}}}" in run.log(0)
   assert len([f for f in os.listdir(a) if f.startswith("events.out")]) == 1  # process 0 only
-  # The state after real steps on the 2-process (2, 4) mesh was saved in the rules' layout:
+  # The state after real steps on the 2-process (2, 2) mesh was saved in the rules' layout:
   # FSDP-split kernels, their Adam moments and EMA copies; small ones whole on every device.
   ckpt = checkpointing.Checkpointer(str(a), async_save=False)
   meta = ckpt.array_metadata(STEPS)
   ckpt.close()
   layout = meta["params"]["encoder"]["layer4_1"]["conv2"]["kernel"].sharding
-  assert list(layout.shape) == [2, 4] and list(layout.axis_names) == ["data", "fsdp"], layout
-  check_rule_layout((meta["params"], meta["opt_state"][1][0]["mu"], meta["ema_params"]), 4,
+  assert list(layout.shape) == [2, FSDP] and list(layout.axis_names) == ["data", "fsdp"], layout
+  check_rule_layout((meta["params"], meta["opt_state"][1][0]["mu"], meta["ema_params"]), FSDP,
                     lambda m: m.sharding.partition_spec, lambda m: m.storage.chunk_shape)
 
   # (c): SIGTERM to process 1 only, as soon as both train -> both stop at the same step s,

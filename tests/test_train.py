@@ -44,7 +44,7 @@ def check_rule_layout(trees, fsdp, spec, shard_shape):
 
 @pytest.mark.slow
 def test_one_step_is_sharded_as_the_rules_say(tmp_path):
-  """A train step on the (8, 1) mesh keeps the state in the rules' layout. The same on a (2, 4)
+  """A train step on the (8, 1) mesh keeps the state in the rules' layout. The same on a (2, 2)
   mesh, for real across two processes: test_multiprocess.py reads the layout its checkpoints
   were saved with; test_fsdp_layout_follows_the_rules checks the rules there without compiling."""
   c = _tiny(**{"num_train_steps": 1, "mesh.shape": (8, 1), "evals.num_samples": 0})
