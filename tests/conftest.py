@@ -71,13 +71,21 @@ def pytest_collection_modifyitems(config, items):
 def optimized_kernels(monkeypatch):
   """LLVM level 1 for the programs this test jits (the suite's is 0, above): for the tests that
   run a program for hundreds of steps, where faster kernels pay for the longer compile
-  (decoder-uses-z 84 -> 42 s, demo-loss-falls 108 -> 86 s in the suite, session 34). Programs
-  jitted elsewhere (module level, earlier tests) keep their level."""
+  (in the suite at level 0 / with this: decoder-uses-z 84 / 35 s, demo-loss-falls 108 / 79 s,
+  session 34). Only the top-level programs of soda_jax and the tests, jitted during the test:
+  XLA takes compiler options only there, not on a jit nested in a traced function (optax's, or
+  one created while tracing); programs jitted earlier keep their level."""
+  from jax._src import core  # pylint: disable=g-import-not-at-top
+
   jit = jax.jit
 
   def jit_at_level_1(fun=None, /, **kwargs):
-    kwargs.setdefault("compiler_options", {"xla_backend_optimization_level": 1})
-    return functools.partial(jit_at_level_1, **kwargs) if fun is None else jit(fun, **kwargs)
+    if fun is None:
+      return functools.partial(jit_at_level_1, **kwargs)
+    module = getattr(getattr(fun, "func", fun), "__module__", "") or ""
+    if core.trace_state_clean() and module.split(".")[0] in ("soda_jax", "tests"):
+      kwargs.setdefault("compiler_options", {"xla_backend_optimization_level": 1})
+    return jit(fun, **kwargs)
 
   monkeypatch.setattr(jax, "jit", jit_at_level_1)
 

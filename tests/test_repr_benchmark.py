@@ -28,7 +28,7 @@ def test_unknown_row_is_named():
     repr_benchmark.run(load_config("tiny"), "/tmp/unused", rows=("sodaa",))
 
 
-def test_supervised_reference_row_trains_the_encoder(tmp_path):
+def test_supervised_reference_row_trains_the_encoder(tmp_path, optimized_kernels):  # pylint: disable=unused-argument
   config = config_base.override(load_config("tiny"), {"num_train_steps": 150})  # batch 16
   row = repr_benchmark.run(config, str(tmp_path), rows=("supervised",))["supervised"]
   assert row["train_examples"] == min(16 * 150, config.data.synthetic_examples)
