@@ -74,7 +74,10 @@ def optimized_kernels(monkeypatch):
   (in the suite at level 0 / with this: decoder-uses-z 84 / 35 s, demo-loss-falls 108 / 79 s,
   session 34). Only the top-level programs of soda_jax and the tests, jitted during the test:
   XLA takes compiler options only there, not on a jit nested in a traced function (optax's, or
-  one created while tracing); programs jitted earlier keep their level."""
+  one created while tracing); programs jitted earlier keep their level. Two limits: a program
+  this jits at top level and the test then calls inside another trace fails (XLA's check is at
+  the call); and `train_step.programs` keeps what it built for a config in the process, so a
+  later test of the same config would run it at level 1 (today no other test shares one)."""
   from jax._src import core  # pylint: disable=g-import-not-at-top
 
   jit = jax.jit

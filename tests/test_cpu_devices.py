@@ -295,3 +295,21 @@ def test_huge_pages_restart_passes_the_command_line_and_spares_notebooks(monkeyp
   calls.clear()
   assert not cpu_devices.use_fast_malloc(execve=lambda *a: calls.append(a), library=lambda: None)
   assert not calls
+
+
+def test_fast_malloc_env_is_what_the_cli_restarts_into(monkeypatch):
+  """The environment the test workers start in (conftest) and the CLI restarts into: huge pages
+  and tcmalloc added, the user's settings kept, None once both are settled."""
+  monkeypatch.setattr(cpu_devices, "glibc_version", lambda: (2, 36))
+  monkeypatch.setattr(cpu_devices, "thp_mode", lambda path=None: "madvise")
+  lib = lambda: "libtcmalloc_minimal.so.4"  # noqa: E731
+  env = cpu_devices.fast_malloc_env({"KEEP": "1"}, lib)
+  assert env == {"KEEP": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+                 "LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+  assert cpu_devices.fast_malloc_env(env, lib) is None  # a worker or restarted process
+  assert cpu_devices.fast_malloc_env({}, lambda: None) == {
+      "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert cpu_devices.fast_malloc_env({"LD_PRELOAD": ""}, lib) == {  # glibc's malloc kept
+      "LD_PRELOAD": "", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  monkeypatch.setattr(cpu_devices, "thp_mode", lambda path=None: "never")
+  assert cpu_devices.fast_malloc_env({}, lib) == {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
