@@ -2,15 +2,15 @@
 collectives, each process reading its own share of the data (launch/local_multiprocess.sh).
 
 One test, four launches of both processes. Launch (a) compiles each program once (process 0
-compiles and hands the binary over); the restarts load them from the suite's persistent cache
-on both processes (multihost.share_cpu_compilation_cache; 89 s cold, alone, on a 2-core
-AMD EPYC in session 34). (a) a straight run, whose end-of-run sample grid and probe table only process 0 writes
-(d); (c) SIGTERM to ONE process: both stop at the same step, save it and exit 0; (b) the
-restart resumes there, both processes are SIGKILLed after its next checkpoint, and the next
-restart ends with params bitwise equal to (a)'s. (a)'s checkpoint also shows the layout a real
-(2, 2) run saves (the suite's only train step on an FSDP mesh). Checkpoints are saved
-asynchronously, as in real runs (the product default; session 5's async hang no longer occurs).
-Every wait has a timeout, and the process group is killed on the way out.
+compiles and hands the binary over); the restarts load them from the suite's persistent cache on
+both processes (multihost.share_cpu_compilation_cache; 89 s cold, alone, on a 2-core AMD EPYC in
+session 34). (a) a straight run, whose end-of-run sample grid and probe table only process 0 writes
+(d); (c) SIGTERM to ONE process: both stop at the same step, save it and exit 0; (b) the restart
+resumes there, both processes are SIGKILLed after its next checkpoint, and the next restart ends
+with params bitwise equal to (a)'s. (a)'s checkpoint also shows the layout a real (2, 2) run saves
+(the suite's only train step on an FSDP mesh). Checkpoints are saved asynchronously, as in real
+runs (the product default; session 5's async hang no longer occurs). Every wait has a timeout, and
+the process group is killed on the way out.
 """
 import os
 import signal

@@ -13,17 +13,16 @@ import subprocess
 import sys
 import traceback
 
+from soda_jax.export import torchvision as tv
+
 
 class TorchWorker:
   """`run(*args)`: what `torchvision.run_torch(*args)` returns, from one long-lived process."""
 
   def __init__(self):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    self._proc = subprocess.Popen([sys.executable, "-m", "tests.torch_worker"], cwd=root,
-                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True)
+    self._proc = subprocess.Popen([sys.executable, "-m", "tests.torch_worker"],
+                                  env=tv.torch_process_env(), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
 
   def run(self, *args: str) -> str:
     if self._proc.poll() is not None:

@@ -117,6 +117,15 @@ def save(path: str, variables: Mapping[str, Any], config: ml_collections.ConfigD
 
 
 # ------------------------------------------------------------------ the PyTorch side
+def torch_process_env() -> dict:
+  """This process's environment with the repository root first on PYTHONPATH: what a torch
+  process started from here needs to import soda_jax (and, in the tests, `tests.torch_worker`)."""
+  import os  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p))
+
+
 def run_torch(*args: str) -> str:
   """`python -m soda_jax.export.torch_resnet ARGS` in a fresh process; its stdout.
 
@@ -124,14 +133,10 @@ def run_torch(*args: str) -> str:
   torchvision (-> triton) crashed here with a segfault, and the torch side needs neither JAX
   nor TF. Raises RuntimeError with the child's stderr tail if it fails.
   """
-  import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (root, os.environ.get("PYTHONPATH")) if p))
   proc = subprocess.run([sys.executable, "-m", "soda_jax.export.torch_resnet", *args],
-                        capture_output=True, text=True, check=False, env=env)
+                        capture_output=True, text=True, check=False, env=torch_process_env())
   if proc.returncode:
     raise RuntimeError(f"soda_jax.export.torch_resnet {' '.join(args)} failed "
                        f"(exit {proc.returncode}):\n{proc.stderr[-3000:]}")
