@@ -29,7 +29,7 @@ from tests.test_train import check_rule_layout
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 LEVEL = "--xla_backend_optimization_level"
 TIMEOUT = int(os.environ.get("SODA_MP_TIMEOUT", "900"))  # per launch; 2 busy cores are slow
-STEPS = 6  # ~1.5-2 s a step: each gloo collective goes over TCP (18 FSDP all-gathers a step)
+STEPS = 6  # ~1.5-2 s a step with 4 devices a process: gloo collectives go over TCP
 # Devices per process: the mesh's fsdp axis within each process, its data axis across the two.
 # 2 rather than 4: the same layouts and collectives, and the test 107-112 -> 89 s alone (AMD EPYC,
 # docs/benchmarks.md, session 34).
