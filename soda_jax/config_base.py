@@ -5,6 +5,10 @@ command line (`--config.modle.latent_dim=...`) fails at parse time (configs are 
 """
 import ml_collections
 
+# Loading a config must not start JAX: the CLI restarts itself on another allocator right after
+# (cpu_devices.use_fast_malloc), and JAX and grain take ~2 s to import. sources imports NumPy only.
+from soda_jax.data.sources import DEFAULT_IDX_ROOT
+
 # Model sizes, shared by configs and tests. See docs/design.md for the reasoning.
 MODEL_VARIANTS = {
     # Compiles in seconds on CPU: tests and smoke runs.
@@ -89,16 +93,45 @@ def diffusion_config() -> ml_collections.ConfigDict:
   ))
 
 
+def data_config() -> ml_collections.ConfigDict:
+  """config.data defaults."""
+  return ml_collections.ConfigDict(dict(
+      name="synthetic",  # 'fashion_mnist' | 'synthetic' | 'folder' | 'tfds:<name>' | tfds name
+      split="train",  # tfds-style slices work everywhere: 'train[:90%]'
+      eval_split="test",
+      image_size=32,
+      channels=3,  # 1 or 3: grey is repeated to 3, colour converted to luma for 1
+      crop_scale=(0.2, 1.0),  # area fraction of the random-resized crops
+      crop_ratio=(3 / 4, 4 / 3),  # aspect range (width / height) of the crops
+      flip=True,
+      color_jitter=0.0,  # brightness/contrast/saturation strength, 0 = off
+      same_view=False,  # target = source (auto-encoding ablation)
+      idx_root=DEFAULT_IDX_ROOT,  # Fashion-MNIST IDX files
+      tfds_data_dir="",  # '' = tfds default (~/tensorflow_datasets)
+      folder="",  # name='folder': root/[split/]class/*.png|jpg|jpeg
+      synthetic_examples=4096,  # name='synthetic': train size (other splits get a quarter)
+      # grain read/decode threads per process: 0 = in the main thread (best for in-memory
+      # data: threads only add GIL contention), -1 = auto (0 for in-memory sources, else 16:
+      # JPEG decoding and file reads release the GIL).
+      num_threads=-1,
+      prefetch=4,  # batches buffered ahead per process
+      # Multi-view names (sources.MULTIVIEW_NAMES): source views per example, each encoded,
+      # their latents averaged. 'synthetic_multiview' uses synthetic_examples train objects.
+      num_source_views=1,
+      # Training draws k ~ U{min_source_views..num_source_views} views per example (K views
+      # are read, the first k averaged), so one model serves NVS from 1 view and from several.
+      min_source_views=1,
+  ))
+
+
 def base_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   """Every key the system reads, with defaults for a tiny CPU run."""
-  from soda_jax.data.pipeline import default_data_config  # pylint: disable=g-import-not-at-top
-
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 32  # global, over all devices and processes
   c.num_train_steps = 100
   c.compute_dtype = "float32"  # 'float32' | 'bfloat16'; params are always float32
-  c.data = default_data_config()
+  c.data = data_config()
   c.model = model_config(variant)
   c.diffusion = diffusion_config()
 

@@ -126,10 +126,12 @@ def _cpu_backend_to_come(what: str) -> bool:
   if plugin is not None:
     logging.info("JAX backend %r installed: %s left at its default", plugin, what)
     return False
+  # Not imported: no backends yet, and nothing to import (JAX takes ~1.3 s, paid twice by a CLI
+  # run that restarts itself, use_fast_malloc).
+  xla_bridge = sys.modules.get("jax._src.xla_bridge")
   try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    initialized = xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):  # private API moved: assume not yet (the CLI's case)
+    initialized = xla_bridge is not None and xla_bridge.backends_are_initialized()
+  except AttributeError:  # private API moved: assume not yet (the CLI's case)
     initialized = False
   if initialized:
     logging.warning("JAX's backends already exist: %s left as it is", what)

@@ -24,6 +24,26 @@ def test_shipped_configs_are_valid(name, arg):
     config_checks.check(c, num_devices=8)
 
 
+def test_loading_configs_does_not_start_jax():
+  """The CLI loads its config and checks the backend, then restarts itself on another allocator
+  (cpu_devices.use_fast_malloc) before JAX starts: neither may import JAX or grain (~2 s each
+  time, paid twice by that restart)."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  code = ("import sys\n"
+          "from soda_jax import config_base, cpu_devices\n"
+          "for name in sys.argv[1:]:\n"
+          "  config_base.load_config(f'configs/{name}.py')\n"
+          "assert cpu_devices._cpu_backend_to_come('test')\n"
+          "print(sorted(m for m in ('jax', 'jaxlib', 'grain', 'flax', 'tensorflow') "
+          "if m in sys.modules))\n")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  p = subprocess.run([sys.executable, "-c", code, "tiny", "demo", "cifar10", "imagenet",
+                      "nvs_synthetic", "nmr", "srn_cars"], cwd=ROOT,
+                     env=dict(env, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.strip() == "[]", p.stdout
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("model.latent_dim", 2, "config.model.latent_dim=2 is smaller than the number of sub-vectors (3"),
     ("diffusion.schedule", "sigmoid", "config.diffusion.schedule='sigmoid' is not one of"),

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from soda_jax import config_base
 from soda_jax.data import pipeline, sources, views
 from tests.test_data_sources import HAVE_IDX, write_folder
 
@@ -17,7 +18,7 @@ def make_config(batch_size=8, **data):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = batch_size
-  c.data = pipeline.default_data_config()
+  c.data = config_base.data_config()
   c.data.update(dict(name="synthetic", synthetic_examples=64, image_size=16, channels=3,
                      num_threads=2, prefetch=2))
   c.data.update(data)

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from soda_jax.data import pipeline, sources, views
+from soda_jax import config_base
+from soda_jax.data import sources, views
 
 IDX = sources.DEFAULT_IDX_ROOT
 HAVE_IDX = os.path.exists(os.path.join(IDX, "train-images-idx3-ubyte.gz"))
@@ -14,7 +15,7 @@ needs_idx = pytest.mark.skipif(not HAVE_IDX, reason="apt-get install -y dataset-
 
 
 def data_config(**kw):
-  d = pipeline.default_data_config()
+  d = config_base.data_config()
   d.update(kw)
   return d
 

@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from soda_jax import config_base
 from soda_jax.data import views
 
 
@@ -179,7 +180,7 @@ def test_center_view():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_view_config_from_config(channels):
   from soda_jax.data import pipeline
-  d = pipeline.default_data_config()
+  d = config_base.data_config()
   d.channels = channels
   cfg = views.ViewConfig.from_config(d)
   assert cfg.image_size == d.image_size and cfg.crop_scale == tuple(d.crop_scale)

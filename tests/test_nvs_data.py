@@ -14,7 +14,7 @@ def make_config(batch_size=4, **data):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = batch_size
-  c.data = pipeline.default_data_config()
+  c.data = config_base.data_config()
   c.data.update(dict(name="synthetic_multiview", synthetic_examples=6, image_size=16,
                      channels=3, num_source_views=2, num_threads=0, prefetch=1))
   c.data.update(data)

@@ -40,37 +40,6 @@ MULTIVIEW_BATCH_KEYS = ("source", "source_rays", "target", "target_rays", "sourc
                         "target_view", "index", "source_mask")
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """config.data defaults (shared by config_base, configs/ and tests)."""
-  return ml_collections.ConfigDict(dict(
-      name="synthetic",  # 'fashion_mnist' | 'synthetic' | 'folder' | 'tfds:<name>' | tfds name
-      split="train",  # tfds-style slices work everywhere: 'train[:90%]'
-      eval_split="test",
-      image_size=32,
-      channels=3,  # 1 or 3: grey is repeated to 3, colour converted to luma for 1
-      crop_scale=(0.2, 1.0),  # area fraction of the random-resized crops
-      crop_ratio=(3 / 4, 4 / 3),  # aspect range (width / height) of the crops
-      flip=True,
-      color_jitter=0.0,  # brightness/contrast/saturation strength, 0 = off
-      same_view=False,  # target = source (auto-encoding ablation)
-      idx_root=sources.DEFAULT_IDX_ROOT,  # Fashion-MNIST IDX files
-      tfds_data_dir="",  # '' = tfds default (~/tensorflow_datasets)
-      folder="",  # name='folder': root/[split/]class/*.png|jpg|jpeg
-      synthetic_examples=4096,  # name='synthetic': train size (other splits get a quarter)
-      # grain read/decode threads per process: 0 = in the main thread (best for in-memory
-      # data: threads only add GIL contention), -1 = auto (0 for in-memory sources, else 16:
-      # JPEG decoding and file reads release the GIL).
-      num_threads=-1,
-      prefetch=4,  # batches buffered ahead per process
-      # Multi-view names (sources.MULTIVIEW_NAMES): source views per example, each encoded,
-      # their latents averaged. 'synthetic_multiview' uses synthetic_examples train objects.
-      num_source_views=1,
-      # Training draws k ~ U{min_source_views..num_source_views} views per example (K views
-      # are read, the first k averaged), so one model serves NVS from 1 view and from several.
-      min_source_views=1,
-  ))
-
-
 # --------------------------------------------------------------------------- transforms
 
 
