@@ -179,7 +179,6 @@ def test_center_view():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_view_config_from_config(channels):
-  from soda_jax.data import pipeline
   d = config_base.data_config()
   d.channels = channels
   cfg = views.ViewConfig.from_config(d)
