@@ -11,9 +11,8 @@ not rerun since), docs/benchmarks.md): 1.64-1.84 steps/s when alone, so
 ~15 min of training plus ~1-2 min of NVS evaluation (renders cached); on a 2-core Intel Xeon
 with Eigen's convolutions (session 28) 2.45-2.59 steps/s, the whole run 11 min, and its three
 seeds 13.06 / 13.34 dB (0.10-0.17 under YNNPACK's on every seed; on the AMD EPYC, session 35,
-half of such a gap is the evaluation: on 2 CPU devices with Eigen's convolutions the NVS sampler
-is not deterministic and reads 0.03-0.08 dB low; score with
-XLA_FLAGS=--xla_force_host_platform_device_count=1 to repeat bitwise). After these 1600 steps,
+half of such a gap was the evaluation: XLA:CPU's sampler loop on 2 devices read 0.03-0.08 dB
+low, fixed in session 36 by running the steps as separate calls). After these 1600 steps,
 three seeds scored on the same 32 held-out objects: SODA's samples 13.17 +- 0.07 / 13.47 +- 0.08
 dB from 1 / 3 views against 12.19 / 14.16 for copying the nearest source view (t_power=3, the earlier
 default: 12.79 / 13.14; 800 steps at t_power=3, one seed: 12.53 / 12.78).

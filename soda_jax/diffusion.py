@@ -287,27 +287,31 @@ def ddim_step(x0_hat: jax.Array, eps_hat: jax.Array, t, s, *, schedule: str, eta
   return (x_s + _expand(direction, x0_hat) * eps_hat + _expand(jnp.sqrt(var), x0_hat) * noise)
 
 
-def ddim_sample(predict_fn: PredictFn, x_T: jax.Array, *, rng: Optional[jax.Array],
+def _check_num_steps(num_steps) -> int:
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps={num_steps!r} must be an int >= 1")
+  return int(num_steps)
+
+
+def ddim_update(predict_fn: PredictFn, x: jax.Array, k, *, rng: Optional[jax.Array],
                 num_steps: int, eta: float = 0.0, schedule: str, pred_type: str,
                 w_z: float = 1.0, w_p: float = 0.0, t_start: float = 1.0,
-                clip_x0: Optional[float] = None) -> jax.Array:
-  """Sample x0 from x_T (B, H, W, C) with N DDIM steps on t_i = t_start * i / N, i = N .. 0.
+                clip_x0: Optional[float] = None) -> Tuple[jax.Array, jax.Array]:
+  """Step k (0 .. N-1) of DDIM with N = num_steps on t_i = t_start * i / N, i = N - k.
 
-  Each step evaluates the guided prediction at t_i (see `guided_prediction`; w_z, w_p must be
-  Python floats because they decide, before tracing, which of the three model calls are made),
-  converts it to (x0_hat, eps_hat) and steps to t_{i-1}. Returns x0_hat of the last step (t_1),
-  not x at t=0, which would only add sqrt(ALPHA_BAR_MIN)-sized noise back.
-  The loop is a `fori_loop`: compile time does not grow with num_steps. With eta > 0 the noise of
-  step i comes from fold_in(rng, i); rng may be None when eta == 0.
-  clip_x0=c clips every x0_hat to [-c, c] and re-derives eps_hat from it (ADM's clip_denoised):
-  a safety net that keeps a bad early estimate inside the data range. It does not rescue an eps
+  Evaluates the guided prediction at t_i (see `guided_prediction`; w_z, w_p must be Python
+  floats because they decide, before tracing, which of the three model calls are made), converts
+  it to (x0_hat, eps_hat) and steps x from t_i to t_{i-1}. Returns (x at t_{i-1}, x0_hat).
+  k may be traced, so one compiled step serves every k (`ddim_sample` runs them). With eta > 0
+  the noise of step i comes from fold_in(rng, i); rng may be None when eta == 0.
+  clip_x0=c clips x0_hat to [-c, c] and re-derives eps_hat from it (ADM's clip_denoised): a
+  safety net that keeps a bad early estimate inside the data range. It does not rescue an eps
   model under the inverted schedule (at t=1, a = ALPHA_BAR_MIN, x0_hat = (x_t - sigma eps)/sqrt(a)
   multiplies the eps error by ~300; demo recon 4.6 -> 5.7 dB with clipping); v-prediction does.
   """
   _one_of("schedule", schedule, SCHEDULES)
   _one_of("pred_type", pred_type, PRED_TYPES)
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps={num_steps!r} must be an int >= 1")
+  n = _check_num_steps(num_steps)
   eta = _python_number("eta", eta)
   if eta < 0:
     raise ValueError(f"eta={eta!r} must be >= 0")
@@ -321,24 +325,36 @@ def ddim_sample(predict_fn: PredictFn, x_T: jax.Array, *, rng: Optional[jax.Arra
     clip_x0 = _python_number("clip_x0", clip_x0)
     if not clip_x0 > 0:
       raise ValueError(f"clip_x0={clip_x0!r} must be > 0 (or None for no clipping)")
-  b = x_T.shape[0]
-  n = int(num_steps)
+  b = x.shape[0]
+  i = n - k  # n .. 1
+  t = jnp.full((b,), t_start * (i / n), jnp.float32)
+  s = jnp.full((b,), t_start * ((i - 1) / n), jnp.float32)
+  pred = guided_prediction(predict_fn, x, t, w_z, w_p)
+  x0_hat, eps_hat = to_x0_eps(pred, pred_type, x, t, schedule)
+  if clip_x0 is not None:
+    x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
+    eps_hat = to_x0_eps(x0_hat, "x0", x, t, schedule)[1]
+  noise = None
+  if eta > 0:
+    noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+  x_s = ddim_step(x0_hat, eps_hat, t, s, schedule=schedule, eta=eta, noise=noise)
+  return x_s.astype(x.dtype), x0_hat.astype(x.dtype)
 
-  def body(k, carry):
-    x, _ = carry
-    i = n - k  # n .. 1
-    t = jnp.full((b,), t_start * (i / n), jnp.float32)
-    s = jnp.full((b,), t_start * ((i - 1) / n), jnp.float32)
-    pred = guided_prediction(predict_fn, x, t, w_z, w_p)
-    x0_hat, eps_hat = to_x0_eps(pred, pred_type, x, t, schedule)
-    if clip_x0 is not None:
-      x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
-      eps_hat = to_x0_eps(x0_hat, "x0", x, t, schedule)[1]
-    noise = None
-    if eta > 0:
-      noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-    x_s = ddim_step(x0_hat, eps_hat, t, s, schedule=schedule, eta=eta, noise=noise)
-    return x_s.astype(x.dtype), x0_hat.astype(x.dtype)
 
-  _, x0_hat = jax.lax.fori_loop(0, n, body, (x_T, jnp.zeros_like(x_T)))
+def ddim_sample(step_fn: Callable[[jax.Array, np.int32], Tuple[jax.Array, jax.Array]],
+                x_T: jax.Array, num_steps: int) -> jax.Array:
+  """x0_hat of the last DDIM step (t_1) from x_T (B, H, W, C): num_steps calls
+  `x, x0_hat = step_fn(x, k)`, k = 0 .. N-1, normally a jitted `ddim_update` (one program for
+  every k). Not x at t=0, which would only add sqrt(ALPHA_BAR_MIN)-sized noise back.
+
+  The loop runs on the host, not as a `lax.fori_loop` inside one program: XLA:CPU (jaxlib
+  0.10.2, Eigen's convolutions) computed wrong rows in such a loop of the denoiser from its 20th
+  iteration on whenever two devices of one process ran it at the same time (the demo's and the
+  3-D config's samplers on 2 CPU devices); the same steps as separate calls are exact
+  (docs/benchmarks.md, "Session 36"). The steps are still dispatched asynchronously, and compile
+  time still does not grow with num_steps.
+  """
+  x, x0_hat = x_T, None
+  for k in range(_check_num_steps(num_steps)):
+    x, x0_hat = step_fn(x, np.int32(k))
   return x0_hat

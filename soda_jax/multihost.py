@@ -213,4 +213,5 @@ def compile_then_meet(jitted: Callable, name: str) -> Callable:
     return jitted(*args, **kwargs)
 
   call.lower = jitted.lower
+  call.__wrapped__ = jitted
   return call

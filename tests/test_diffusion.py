@@ -205,9 +205,11 @@ def test_timesteps_power_moves_mass_to_high_noise():
 # ------------------------------------------------------------------------------------------------
 # DDIM.
 # ------------------------------------------------------------------------------------------------
-def _sample(predict_fn, x_T, **kw):
-  """ddim_sample under jit (static keywords), as callers use it."""
-  return jax.jit(lambda x, r: d.ddim_sample(predict_fn, x, rng=r, **kw))(x_T, KEY)
+def _sample(predict_fn, x_T, rng=KEY, **kw):
+  """ddim_sample over a jitted ddim_update (static keywords, rng and k traced), as callers use
+  them."""
+  step = jax.jit(lambda x, k, r: d.ddim_update(predict_fn, x, k, rng=r, **kw))
+  return d.ddim_sample(lambda x, k: step(x, k, rng), x_T, kw["num_steps"])
 
 
 def _point_mass_predict(c, schedule, pred_type):
@@ -271,13 +273,23 @@ def test_ddim_step_eta_one_is_ddpm_posterior():
   np.testing.assert_allclose(det, np.sqrt(a_s) * x0 + np.sqrt(1 - a_s) * eps, atol=1e-6)
 
 
+def test_ddim_sample_runs_the_steps_in_order_and_returns_the_last_x0():
+  seen = []
+
+  def step(x, k):
+    seen.append(int(k))
+    return x + 1, x * 10
+  assert d.ddim_sample(step, jnp.zeros(()), 4) == 30  # x0_hat of step k=3, where x = 3
+  assert seen == [0, 1, 2, 3]
+
+
 def test_ddim_eta_noise_depends_on_rng():
   predict = lambda x, t, *_: 0.5 * x  # noqa: E731
   x_T = _normal(16, (2, 2, 2, 1))
   kw = dict(num_steps=4, eta=1.0, schedule="inverted", pred_type="eps")
-  a = d.ddim_sample(predict, x_T, rng=KEY, **kw)
-  b = d.ddim_sample(predict, x_T, rng=KEY, **kw)
-  c = d.ddim_sample(predict, x_T, rng=jax.random.PRNGKey(1), **kw)
+  a = _sample(predict, x_T, **kw)
+  b = _sample(predict, x_T, **kw)
+  c = _sample(predict, x_T, rng=jax.random.PRNGKey(1), **kw)
   np.testing.assert_array_equal(a, b)
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
 
@@ -288,15 +300,15 @@ def test_ddim_clip_x0_keeps_estimates_in_range_and_rederives_eps():
   x_T = _normal(18, (2, 4, 4, 1))
   predict = lambda x, t, *_: x + 0.05  # noqa: E731  (exact eps at t=1 would be ~x_T)
   kw = dict(num_steps=1, schedule="inverted", pred_type="eps", w_z=1.0, w_p=0.0)
-  raw = np.asarray(d.ddim_sample(predict, x_T, rng=None, **kw))
+  raw = np.asarray(_sample(predict, x_T, rng=None, **kw))
   assert np.abs(raw).max() > 10  # the failure clip_x0 exists for
-  clipped = np.asarray(d.ddim_sample(predict, x_T, rng=None, clip_x0=1.0, **kw))
+  clipped = np.asarray(_sample(predict, x_T, rng=None, clip_x0=1.0, **kw))
   np.testing.assert_allclose(clipped, np.clip(raw, -1, 1))
   with pytest.raises(ValueError, match=r"clip_x0=0.0 must be > 0"):
-    d.ddim_sample(predict, x_T, rng=None, clip_x0=0.0, **kw)
+    d.ddim_update(predict, x_T, 0, rng=None, clip_x0=0.0, **kw)
   # Two steps (t = 1 -> 0.5 -> out): the second step sees x_s built from the clipped x0_hat and
   # the eps re-derived from it, so |x_s| stays O(1) instead of ~sqrt(a_s) * 300 * 0.05.
-  two = np.asarray(d.ddim_sample(predict, x_T, rng=None, clip_x0=1.0, **dict(kw, num_steps=2)))
+  two = np.asarray(_sample(predict, x_T, rng=None, clip_x0=1.0, **dict(kw, num_steps=2)))
   x = np.asarray(x_T, np.float64)
   (a_t, s_t), (a_s, s_s) = [[float(v) for v in d.alpha_bar_pair(t, "inverted")] for t in (1., .5)]
   x0c = np.clip((x - np.sqrt(s_t) * (x + 0.05)) / np.sqrt(a_t), -1, 1)
@@ -324,10 +336,10 @@ def _counting_predict(calls):
     (1.0, 1.0, [(True, True)])])
 def test_guidance_calls_per_step(w_z, w_p, expected):
   calls = []
-  jax.make_jaxpr(lambda x: d.ddim_sample(_counting_predict(calls), x, rng=None, num_steps=7,
-                                         schedule="inverted", pred_type="eps", w_z=w_z,
-                                         w_p=w_p))(jnp.zeros((2, 2, 2, 1)))
-  assert calls == expected  # The loop body is traced once: calls per step, not per sample.
+  jax.make_jaxpr(lambda x, k: d.ddim_update(_counting_predict(calls), x, k, rng=None,
+                                            num_steps=7, schedule="inverted", pred_type="eps",
+                                            w_z=w_z, w_p=w_p))(jnp.zeros((2, 2, 2, 1)), 3)
+  assert calls == expected  # One traced step (k traced) serves all 7: calls per step.
 
 
 def test_no_guidance_is_plain_conditional_prediction():
@@ -387,21 +399,26 @@ def test_bad_arguments_name_the_argument():
   predict = lambda x, t, *_: x  # noqa: E731
   kw = dict(rng=KEY, schedule="inverted", pred_type="eps")
   with pytest.raises(ValueError, match="num_steps=0 must be an int >= 1"):
-    d.ddim_sample(predict, x, num_steps=0, **kw)
+    d.ddim_update(predict, x, 0, num_steps=0, **kw)
   with pytest.raises(ValueError, match="num_steps=2.5"):
-    d.ddim_sample(predict, x, num_steps=2.5, **kw)
+    d.ddim_update(predict, x, 0, num_steps=2.5, **kw)
   with pytest.raises(ValueError, match="eta=-0.5 must be >= 0"):
-    d.ddim_sample(predict, x, num_steps=2, eta=-0.5, **kw)
+    d.ddim_update(predict, x, 0, num_steps=2, eta=-0.5, **kw)
   with pytest.raises(ValueError, match="t_start=1.5"):
-    d.ddim_sample(predict, x, num_steps=2, t_start=1.5, **kw)
+    d.ddim_update(predict, x, 0, num_steps=2, t_start=1.5, **kw)
   with pytest.raises(ValueError, match="w_z=.* must be a Python float"):
-    d.ddim_sample(predict, x, num_steps=2, w_z=jnp.array(2.0), **kw)
+    d.ddim_update(predict, x, 0, num_steps=2, w_z=jnp.array(2.0), **kw)
   with pytest.raises(ValueError, match="w_p=.* must be a Python float"):
-    d.ddim_sample(predict, x, num_steps=2, w_p="1", **kw)
+    d.ddim_update(predict, x, 0, num_steps=2, w_p="1", **kw)
   with pytest.raises(ValueError, match="rng=None"):
-    d.ddim_sample(predict, x, num_steps=2, eta=1.0, **dict(kw, rng=None))
+    d.ddim_update(predict, x, 0, num_steps=2, eta=1.0, **dict(kw, rng=None))
   with pytest.raises(ValueError, match="schedule='cos'"):
-    d.ddim_sample(predict, x, num_steps=2, **dict(kw, schedule="cos"))
+    d.ddim_update(predict, x, 0, num_steps=2, **dict(kw, schedule="cos"))
+  step = lambda x, k: (x, x)  # noqa: E731
+  with pytest.raises(ValueError, match="num_steps=0 must be an int >= 1"):
+    d.ddim_sample(step, x, 0)
+  with pytest.raises(ValueError, match="num_steps=True must be an int >= 1"):
+    d.ddim_sample(step, x, True)
 
 
 def test_vmap_matches_batch():

@@ -28,13 +28,17 @@ def setup():
 def test_decode_of_encoded_z_is_generate(setup):
   model, variables, source, dcfg = setup
   rng = jax.random.PRNGKey(3)
+  programs = generate._step.__wrapped__._cache_size()  # pylint: disable=protected-access
   # Jitted: eagerly, every op of the encoder would be its own compile (~30 s on XLA:CPU).
   _, z = jax.jit(lambda v, x: model.apply(v, x, method=soda.SODA.encode))(variables, source)
   from_source = generate.generate(model, variables, jnp.asarray(source), rng, dcfg)
   from_z = generate.decode(model, variables, z, rng, dcfg, source.shape[1:])
   assert from_z.shape == source.shape
-  # (encode compiled on its own here, inside the sampler there: float32 rounding apart)
+  # (encode compiled here and in generate: the same program, float32 rounding apart at most)
   np.testing.assert_allclose(np.asarray(from_z), np.asarray(from_source), atol=1e-4)
+  # At most one new DDIM step program served every step of both samplers (k is an argument,
+  # not a constant; x keeps its layout). The count is per process: other tests add theirs.
+  assert generate._step.__wrapped__._cache_size() - programs <= 1  # pylint: disable=protected-access
   # z matters: another latent gives another sample from the same noise.
   other = generate.decode(model, variables, z[::-1], rng, dcfg, source.shape[1:])
   assert float(jnp.max(jnp.abs(other[0] - from_z[0]))) > 1e-3

@@ -50,9 +50,9 @@ def test_nvs_evaluate_tiny(tmp_path):
   model, variables = _tiny_model_and_variables(config)
   with traces.traced_functions() as traced:
     out = nvs.evaluate(config, model, variables, str(tmp_path), step=7)
-  # 1 and 3 views, no z and the turntable: one sampler program (w_z = 1; none if an earlier
-  # test of this process built it).
-  assert traced.count("_sample") <= 1, traced
+  # 1 and 3 views, no z and the turntable: one encoder and one DDIM step program for every
+  # step of every call (w_z = 1; none if an earlier test of this process built them).
+  assert traced.count("_encode") <= 1 and traced.count("_step") <= 1, traced
   with open(tmp_path / "nvs_eval.json") as f:
     saved = json.load(f)
   assert saved == out
@@ -185,6 +185,7 @@ def test_sample_views_in_chunks_over_the_mesh(monkeypatch):
   monkeypatch.setattr(nvs, "CHUNK", 8)
   rng = jax.random.PRNGKey(3)
   mesh = sharding.make_mesh(config)  # 8 devices
+  programs = nvs._step.__wrapped__._cache_size()  # pylint: disable=protected-access
   out = nvs.sample_views(model, variables, source, rays, target_rays, rng, config.diffusion, mesh)
   assert isinstance(out, np.ndarray) and out.shape == (12, 16, 16, 3)
   assert np.isfinite(out).all() and np.abs(out).max() <= 1
@@ -198,6 +199,9 @@ def test_sample_views_in_chunks_over_the_mesh(monkeypatch):
   padded = nvs.sample_views(model, variables, source[:5], rays[:5], target_rays[:5], rng,
                             config.diffusion, mesh, num_views=3, rows=8)
   np.testing.assert_allclose(padded, first[:5], atol=1e-5)
+  # Every call and step above ran one compiled step on the mesh (x keeps its layout); the
+  # count is per process, and an earlier test may have built this one.
+  assert nvs._step.__wrapped__._cache_size() - programs <= 1  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="num_views=0 is fewer than the 1 source views"):
     nvs.sample_views(model, variables, source, rays, target_rays, rng, config.diffusion, mesh,
                      num_views=0)

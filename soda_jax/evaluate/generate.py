@@ -1,7 +1,7 @@
 """Reconstruction and novel-view generation with DDIM + guidance; sample grids as PNG."""
 import functools
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,34 @@ IDENTITY_BOX = (0.0, 0.0, 1.0, 1.0)
 _STATIC = ("model", "schedule", "pred_type", "num_steps", "eta", "w_z", "w_p", "clip_x0")
 
 
-def _ddim_from_z(model, variables, z, target_box, rng, image_shape, *, schedule, pred_type,
-                 num_steps, eta, w_z, w_p, clip_x0):
+@functools.partial(multihost.compile_then_meet, name="sampler_noise")
+@functools.partial(jax.jit, static_argnames=("shape", "sharding"))
+def _noise(rng, *, shape, sharding):
+  k_init, k_steps = jax.random.split(rng)
+  x_T = jax.random.normal(k_init, shape, jnp.float32)
+  return (x_T if sharding is None else jax.lax.with_sharding_constraint(x_T, sharding)), k_steps
+
+
+def initial_noise(rng: jax.Array, shape: Sequence[int],
+                  like: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """(x_T of `shape`, the key of the DDIM steps) from rng. x_T is laid out over the mesh like the
+  batch `like` when that is a mesh-sharded array (its first axis split the same way), so the step
+  program takes and returns one layout and compiles once."""
+  layout = getattr(like, "sharding", None)
+  return _noise(rng, shape=tuple(int(d) for d in shape),
+                sharding=layout if isinstance(layout, jax.sharding.NamedSharding) else None)
+
+
+@functools.partial(multihost.compile_then_meet, name="encode_for_sampling")
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encode(model, variables, source):
+  return model.apply(variables, source, method=soda.SODA.encode)[1]
+
+
+@functools.partial(multihost.compile_then_meet, name="ddim_step")
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _step(model, variables, z, target_box, x, k, rng, *, schedule, pred_type, num_steps, eta,
+          w_z, w_p, clip_x0):
   b = z.shape[0]
 
   def predict(x_t, t, use_latent, use_pose):
@@ -28,30 +54,15 @@ def _ddim_from_z(model, variables, z, target_box, rng, image_shape, *, schedule,
     return model.apply(variables, x_t, t, z, keep, target_box, pose_keep,
                        method=soda.SODA.denoise)
 
-  k_init, k_sample = jax.random.split(rng)
-  x_T = jax.random.normal(k_init, (b,) + tuple(image_shape), jnp.float32)
-  return diffusion.ddim_sample(predict, x_T, rng=k_sample, num_steps=num_steps, eta=eta,
+  return diffusion.ddim_update(predict, x, k, rng=rng, num_steps=num_steps, eta=eta,
                                schedule=schedule, pred_type=pred_type, w_z=w_z, w_p=w_p,
                                clip_x0=clip_x0)
 
 
-@functools.partial(multihost.compile_then_meet, name="generate")
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate(model, variables, source, target_box, rng, *, schedule, pred_type, num_steps, eta,
-              w_z, w_p, clip_x0):
-  _, z = model.apply(variables, source, method=soda.SODA.encode)
-  return _ddim_from_z(model, variables, z, target_box, rng, source.shape[1:],
-                      schedule=schedule, pred_type=pred_type, num_steps=num_steps, eta=eta,
-                      w_z=w_z, w_p=w_p, clip_x0=clip_x0)
-
-
-@functools.partial(multihost.compile_then_meet, name="decode")
-@functools.partial(jax.jit, static_argnames=_STATIC + ("image_shape",))
-def _decode(model, variables, z, target_box, rng, *, image_shape, schedule, pred_type, num_steps,
-            eta, w_z, w_p, clip_x0):
-  return _ddim_from_z(model, variables, z, target_box, rng, image_shape,
-                      schedule=schedule, pred_type=pred_type, num_steps=num_steps, eta=eta,
-                      w_z=w_z, w_p=w_p, clip_x0=clip_x0)
+def _ddim_from_z(model, variables, z, target_box, rng, image_shape, kwargs) -> jax.Array:
+  x_T, k_steps = initial_noise(rng, (z.shape[0],) + tuple(image_shape), z)
+  step = lambda x, k: _step(model, variables, z, target_box, x, k, k_steps, **kwargs)  # noqa: E731
+  return diffusion.ddim_sample(step, x_T, kwargs["num_steps"])
 
 
 def _sampler_kwargs(dcfg: ml_collections.ConfigDict, num_steps: Optional[int]) -> dict:
@@ -72,7 +83,9 @@ def generate(model: soda.SODA, variables: Any, source: jax.Array, rng: jax.Array
   i.e. reconstruction). Returns images in [-1, 1] (clipped)."""
   if target_box is None:
     target_box = _identity_boxes(source.shape[0])
-  out = _generate(model, variables, source, target_box, rng, **_sampler_kwargs(dcfg, num_steps))
+  z = _encode(model, variables, source)
+  out = _ddim_from_z(model, variables, z, target_box, rng, source.shape[1:],
+                     _sampler_kwargs(dcfg, num_steps))
   return jnp.clip(out, -1.0, 1.0)
 
 
@@ -87,8 +100,8 @@ def decode(model: soda.SODA, variables: Any, z: jax.Array, rng: jax.Array,
     raise ValueError(f"z has shape {z.shape}; expected (B, {model.latent_dim})")
   if target_box is None:
     target_box = _identity_boxes(z.shape[0])
-  out = _decode(model, variables, z, target_box, rng,
-                image_shape=tuple(int(d) for d in image_shape), **_sampler_kwargs(dcfg, num_steps))
+  out = _ddim_from_z(model, variables, z, target_box, rng, image_shape,
+                     _sampler_kwargs(dcfg, num_steps))
   return jnp.clip(out, -1.0, 1.0)
 
 

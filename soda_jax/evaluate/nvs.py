@@ -80,15 +80,22 @@ def scores(images, target) -> Dict[str, float]:
 CHUNK = 64  # examples per sampler call: bounded memory for NMR/SRN's hundreds of objects
 
 
-@functools.partial(multihost.compile_then_meet, name="nvs_sample")
-@functools.partial(jax.jit, static_argnames=("model", "schedule", "pred_type", "num_steps", "eta",
-                                             "w_z", "w_p", "clip_x0"))
-def _sample(model, variables, source, source_rays, source_mask, target_rays, use_latent, rng, *,
-            schedule, pred_type, num_steps, eta, w_z, w_p, clip_x0):
-  # source_mask and use_latent are arrays, not static: 1 and K views, with and without z, share
-  # one compiled sampler (an NVS evaluation used to compile three).
-  _, z = model.apply(variables, source, source_rays=source_rays, source_mask=source_mask,
-                     method=soda.SODA.encode)
+_STATIC = ("model", "schedule", "pred_type", "num_steps", "eta", "w_z", "w_p", "clip_x0")
+
+
+@functools.partial(multihost.compile_then_meet, name="nvs_encode")
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encode(model, variables, source, source_rays, source_mask):
+  # source_mask is an array, not static: 1 and K views share one compiled encoder.
+  return model.apply(variables, source, source_rays=source_rays, source_mask=source_mask,
+                     method=soda.SODA.encode)[1]
+
+
+@functools.partial(multihost.compile_then_meet, name="nvs_step")
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _step(model, variables, z, target_rays, use_latent, x, k, rng, *, schedule, pred_type,
+          num_steps, eta, w_z, w_p, clip_x0):
+  # use_latent is an array, not static: the samples with and without z share one program.
   b = target_rays.shape[0]
 
   def predict(x_t, t, use_z, use_pose):
@@ -96,12 +103,20 @@ def _sample(model, variables, source, source_rays, source_mask, target_rays, use
     return model.apply(variables, x_t, t, z, keep, None, jnp.full((b,), use_pose),
                        target_rays=target_rays, method=soda.SODA.denoise)
 
-  k_init, k_sample = jax.random.split(rng)
-  x_T = jax.random.normal(k_init, target_rays.shape[:-1] + source.shape[-1:], jnp.float32)
-  out = diffusion.ddim_sample(predict, x_T, rng=k_sample, num_steps=num_steps, eta=eta,
-                              schedule=schedule, pred_type=pred_type, w_z=w_z, w_p=w_p,
-                              clip_x0=clip_x0)
-  return jnp.clip(out, -1.0, 1.0)
+  return diffusion.ddim_update(predict, x, k, rng=rng, num_steps=num_steps, eta=eta,
+                               schedule=schedule, pred_type=pred_type, w_z=w_z, w_p=w_p,
+                               clip_x0=clip_x0)
+
+
+def _sample(model, variables, source, source_rays, source_mask, target_rays, use_latent, rng,
+            **kwargs) -> jax.Array:
+  """DDIM samples (B, H, W, C) in [-1, 1] of the target cameras: encode, x_T, steps."""
+  z = _encode(model, variables, source, source_rays, source_mask)
+  x_T, k_steps = generate.initial_noise(rng, target_rays.shape[:-1] + source.shape[-1:],
+                                        target_rays)
+  step = lambda x, k: _step(model, variables, z, target_rays, use_latent, x, k, k_steps,  # noqa: E731
+                            **kwargs)
+  return jnp.clip(diffusion.ddim_sample(step, x_T, kwargs["num_steps"]), -1.0, 1.0)
 
 
 def chunk_rows(n: int, mesh: jax.sharding.Mesh) -> int:
