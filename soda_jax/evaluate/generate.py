@@ -61,7 +61,7 @@ def _step(model, variables, z, target_box, x, k, rng, *, schedule, pred_type, nu
 
 def _ddim_from_z(model, variables, z, target_box, rng, image_shape, kwargs) -> jax.Array:
   x_T, k_steps = initial_noise(rng, (z.shape[0],) + tuple(image_shape), z)
-  step = lambda x, k: _step(model, variables, z, target_box, x, k, k_steps, **kwargs)  # noqa: E731
+  step = functools.partial(_step, model, variables, z, target_box, rng=k_steps, **kwargs)
   return diffusion.ddim_sample(step, x_T, kwargs["num_steps"])
 
 

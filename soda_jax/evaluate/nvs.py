@@ -114,8 +114,8 @@ def _sample(model, variables, source, source_rays, source_mask, target_rays, use
   z = _encode(model, variables, source, source_rays, source_mask)
   x_T, k_steps = generate.initial_noise(rng, target_rays.shape[:-1] + source.shape[-1:],
                                         target_rays)
-  step = lambda x, k: _step(model, variables, z, target_rays, use_latent, x, k, k_steps,  # noqa: E731
-                            **kwargs)
+  step = functools.partial(_step, model, variables, z, target_rays, use_latent, rng=k_steps,
+                           **kwargs)
   return jnp.clip(diffusion.ddim_sample(step, x_T, kwargs["num_steps"]), -1.0, 1.0)
 
 
