@@ -49,3 +49,14 @@ def test_decode_names_a_bad_latent(setup):
   with pytest.raises(ValueError, match=rf"z has shape \(2, 5\); expected \(B, {model.latent_dim}\)"):
     generate.decode(model, variables, np.zeros((2, 5)), jax.random.PRNGKey(0), dcfg,
                     source.shape[1:])
+
+
+def test_ddim_step_program_has_no_loop(setup):
+  """The DDIM loop stays on the host: XLA:CPU computed wrong rows inside a while loop of the
+  denoiser when two devices ran it at once (docs/benchmarks.md, "Session 36")."""
+  model, variables, source, dcfg = setup
+  z, x = jnp.zeros((2, model.latent_dim)), jnp.zeros(source.shape)
+  text = generate._step.lower(  # pylint: disable=protected-access
+      model, variables, z, generate._identity_boxes(2), x, np.int32(0),  # pylint: disable=protected-access
+      jax.random.PRNGKey(0), **generate._sampler_kwargs(dcfg, None)).as_text()  # pylint: disable=protected-access
+  assert "stablehlo.convolution" in text and "stablehlo.while" not in text  # the UNet, no loop
