@@ -277,10 +277,25 @@ def test_ddim_sample_runs_the_steps_in_order_and_returns_the_last_x0():
   seen = []
 
   def step(x, k):
-    seen.append(int(k))
+    seen.append(k)
     return x + 1, x * 10
   assert d.ddim_sample(step, jnp.zeros(()), 4) == 30  # x0_hat of step k=3, where x = 3
   assert seen == [0, 1, 2, 3]
+  # An array, not a Python int: a traced argument of one program, and one signature for
+  # multihost.compile_then_meet (a Python int would be a compile and a barrier per step).
+  assert all(type(k) is np.int32 for k in seen)  # pylint: disable=unidiomatic-typecheck
+
+
+def test_host_loop_matches_one_fori_loop_program():
+  """ddim_sample over a jitted ddim_update is the same sampler as a lax.fori_loop of it (the
+  form it had until session 36), eta > 0 included: the same t grid and per-step noise keys."""
+  predict = lambda x, t, *_: 0.3 * x + 0.1 * t[:, None, None, None]  # noqa: E731
+  x_T = _normal(19, (2, 3, 3, 1))
+  kw = dict(num_steps=6, eta=0.7, schedule="inverted", pred_type="v", clip_x0=1.0)
+  step = lambda x, k: d.ddim_update(predict, x, k, rng=KEY, **kw)  # noqa: E731
+  looped = jax.jit(lambda x: jax.lax.fori_loop(
+      0, 6, lambda k, c: step(c[0], k), (x, jnp.zeros_like(x)))[1])(x_T)
+  np.testing.assert_allclose(d.ddim_sample(jax.jit(step), x_T, 6), looped, atol=1e-6)
 
 
 def test_ddim_eta_noise_depends_on_rng():

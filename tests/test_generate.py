@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from soda_jax import compile_once, config_base
+from soda_jax import compile_once, config_base, sharding
 from soda_jax.evaluate import generate
 from soda_jax.models import soda
 from tests.random_params import perturbed
@@ -25,23 +25,45 @@ def setup():
   return model, variables, source, dcfg
 
 
+def _step_programs() -> int:
+  """DDIM step programs compiled in this process so far."""
+  return generate._step.__wrapped__._cache_size()  # pylint: disable=protected-access
+
+
 def test_decode_of_encoded_z_is_generate(setup):
   model, variables, source, dcfg = setup
   rng = jax.random.PRNGKey(3)
-  programs = generate._step.__wrapped__._cache_size()  # pylint: disable=protected-access
   # Jitted: eagerly, every op of the encoder would be its own compile (~30 s on XLA:CPU).
   _, z = jax.jit(lambda v, x: model.apply(v, x, method=soda.SODA.encode))(variables, source)
   from_source = generate.generate(model, variables, jnp.asarray(source), rng, dcfg)
+  programs = _step_programs()
   from_z = generate.decode(model, variables, z, rng, dcfg, source.shape[1:])
   assert from_z.shape == source.shape
   # (encode compiled here and in generate: the same program, float32 rounding apart at most)
   np.testing.assert_allclose(np.asarray(from_z), np.asarray(from_source), atol=1e-4)
-  # At most one new DDIM step program served every step of both samplers (k is an argument,
-  # not a constant; x keeps its layout). The count is per process: other tests add theirs.
-  assert generate._step.__wrapped__._cache_size() - programs <= 1  # pylint: disable=protected-access
+  # The DDIM step program `generate` built served every step of decode's calls as well (k is
+  # an argument, not a constant; x keeps its layout).
+  assert _step_programs() == programs
   # z matters: another latent gives another sample from the same noise.
   other = generate.decode(model, variables, z[::-1], rng, dcfg, source.shape[1:])
   assert float(jnp.max(jnp.abs(other[0] - from_z[0]))) > 1e-3
+
+
+def test_decode_from_host_latents_beside_variables_on_a_mesh_compiles_one_step(setup):
+  """Variables replicated over a 4-device mesh, z from the host: z is placed on the mesh too,
+  so x keeps one layout from x_T on and every step of every call is one program."""
+  model, variables, source, dcfg = setup
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(4, 1), ("data", "fsdp"))
+  on_mesh = jax.device_put(variables, sharding.replicated(mesh))
+  z = np.random.default_rng(1).normal(size=(3, model.latent_dim)).astype(np.float32)  # new shape
+  before = _step_programs()
+  first = generate.decode(model, on_mesh, z, jax.random.PRNGKey(0), dcfg, source.shape[1:])
+  again = generate.decode(model, on_mesh, z, jax.random.PRNGKey(0), dcfg, source.shape[1:])
+  assert _step_programs() - before == 1
+  np.testing.assert_array_equal(first, again)
+  # The same samples as with host variables (one device), float32 rounding apart.
+  host = generate.decode(model, variables, z, jax.random.PRNGKey(0), dcfg, source.shape[1:])
+  np.testing.assert_allclose(first, host, atol=1e-5)
 
 
 def test_decode_names_a_bad_latent(setup):

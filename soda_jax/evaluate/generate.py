@@ -9,31 +9,37 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from soda_jax import diffusion, multihost
+from soda_jax import diffusion, multihost, sharding
 from soda_jax.models import soda
 
 IDENTITY_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
-_STATIC = ("model", "schedule", "pred_type", "num_steps", "eta", "w_z", "w_p", "clip_x0")
+# The static arguments of a DDIM step program (here and in nvs.py): the model and the sampler's
+# settings (`_sampler_kwargs`).
+STEP_STATIC = ("model", "schedule", "pred_type", "num_steps", "eta", "w_z", "w_p", "clip_x0")
 
 
 @functools.partial(multihost.compile_then_meet, name="sampler_noise")
-@functools.partial(jax.jit, static_argnames=("shape", "sharding"))
-def _noise(rng, *, shape, sharding):
+@functools.partial(jax.jit, static_argnames=("shape", "layout"))
+def _noise(rng, *, shape, layout):
   k_init, k_steps = jax.random.split(rng)
   x_T = jax.random.normal(k_init, shape, jnp.float32)
-  return (x_T if sharding is None else jax.lax.with_sharding_constraint(x_T, sharding)), k_steps
+  return (x_T if layout is None else jax.lax.with_sharding_constraint(x_T, layout)), k_steps
 
 
 def initial_noise(rng: jax.Array, shape: Sequence[int],
                   like: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """(x_T of `shape`, the key of the DDIM steps) from rng. x_T is laid out over the mesh like the
-  batch `like` when that is a mesh-sharded array (its first axis split the same way), so the step
-  program takes and returns one layout and compiles once."""
+  """(x_T of `shape`, the key of the DDIM steps) from rng. When the batch `like` is laid out over
+  a mesh, x_T's first axis is split as like's is (its other axes whole), so the step program
+  takes and returns one layout and compiles once."""
   layout = getattr(like, "sharding", None)
-  return _noise(rng, shape=tuple(int(d) for d in shape),
-                sharding=layout if isinstance(layout, jax.sharding.NamedSharding) else None)
+  if isinstance(layout, jax.sharding.NamedSharding):
+    batch_axes = layout.spec[0] if len(layout.spec) else None
+    layout = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(batch_axes))
+  else:
+    layout = None
+  return _noise(rng, shape=tuple(int(d) for d in shape), layout=layout)
 
 
 @functools.partial(multihost.compile_then_meet, name="encode_for_sampling")
@@ -43,7 +49,7 @@ def _encode(model, variables, source):
 
 
 @functools.partial(multihost.compile_then_meet, name="ddim_step")
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=STEP_STATIC)
 def _step(model, variables, z, target_box, x, k, rng, *, schedule, pred_type, num_steps, eta,
           w_z, w_p, clip_x0):
   b = z.shape[0]
@@ -59,10 +65,18 @@ def _step(model, variables, z, target_box, x, k, rng, *, schedule, pred_type, nu
                                clip_x0=clip_x0)
 
 
-def _ddim_from_z(model, variables, z, target_box, rng, image_shape, kwargs) -> jax.Array:
+def _ddim_from_z(model, variables, z, target_box, rng, image_shape, **kwargs) -> jax.Array:
   x_T, k_steps = initial_noise(rng, (z.shape[0],) + tuple(image_shape), z)
   step = functools.partial(_step, model, variables, z, target_box, rng=k_steps, **kwargs)
   return diffusion.ddim_sample(step, x_T, kwargs["num_steps"])
+
+
+def _mesh_of(variables: Any) -> Optional[jax.sharding.Mesh]:
+  """The mesh the variables are laid out on, if any."""
+  for leaf in jax.tree.leaves(variables):
+    if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+      return leaf.sharding.mesh
+  return None
 
 
 def _sampler_kwargs(dcfg: ml_collections.ConfigDict, num_steps: Optional[int]) -> dict:
@@ -85,7 +99,7 @@ def generate(model: soda.SODA, variables: Any, source: jax.Array, rng: jax.Array
     target_box = _identity_boxes(source.shape[0])
   z = _encode(model, variables, source)
   out = _ddim_from_z(model, variables, z, target_box, rng, source.shape[1:],
-                     _sampler_kwargs(dcfg, num_steps))
+                     **_sampler_kwargs(dcfg, num_steps))
   return jnp.clip(out, -1.0, 1.0)
 
 
@@ -100,8 +114,13 @@ def decode(model: soda.SODA, variables: Any, z: jax.Array, rng: jax.Array,
     raise ValueError(f"z has shape {z.shape}; expected (B, {model.latent_dim})")
   if target_box is None:
     target_box = _identity_boxes(z.shape[0])
+  mesh = _mesh_of(variables)
+  if mesh is not None and not isinstance(z.sharding, jax.sharding.NamedSharding):
+    # A host z beside variables on a mesh: replicated there, so that x_T is too and the step's
+    # input and output layouts agree (otherwise the first step compiles a program of its own).
+    z = sharding.from_host(np.asarray(z), sharding.replicated(mesh))
   out = _ddim_from_z(model, variables, z, target_box, rng, image_shape,
-                     _sampler_kwargs(dcfg, num_steps))
+                     **_sampler_kwargs(dcfg, num_steps))
   return jnp.clip(out, -1.0, 1.0)
 
 

@@ -80,9 +80,6 @@ def scores(images, target) -> Dict[str, float]:
 CHUNK = 64  # examples per sampler call: bounded memory for NMR/SRN's hundreds of objects
 
 
-_STATIC = ("model", "schedule", "pred_type", "num_steps", "eta", "w_z", "w_p", "clip_x0")
-
-
 @functools.partial(multihost.compile_then_meet, name="nvs_encode")
 @functools.partial(jax.jit, static_argnames=("model",))
 def _encode(model, variables, source, source_rays, source_mask):
@@ -92,7 +89,7 @@ def _encode(model, variables, source, source_rays, source_mask):
 
 
 @functools.partial(multihost.compile_then_meet, name="nvs_step")
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=generate.STEP_STATIC)
 def _step(model, variables, z, target_rays, use_latent, x, k, rng, *, schedule, pred_type,
           num_steps, eta, w_z, w_p, clip_x0):
   # use_latent is an array, not static: the samples with and without z share one program.
